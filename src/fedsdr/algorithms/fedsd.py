@@ -1,0 +1,101 @@
+"""FedSD, federated self-distillation: a client-side data transform that composes with every
+algorithm. Before local training the client has the model rewrite its own responses, filters
+the rewrites, and trains on the result. Rewriting runs where the data lives; only numbers
+(diagnostics) ever leave the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fedsdr.algorithms.base import ClientSession, derive_seed
+from fedsdr.data.schema import Record
+from fedsdr.distill import (
+    DistilledRow,
+    cache_key,
+    distill_records,
+    distilled_records,
+    load_or_distill,
+    summarize,
+)
+from fedsdr.generation import GenerationStats
+from fedsdr.io import write_json_atomic, write_text_atomic
+from fedsdr.models.adapters import AdapterState, activate, set_adapter_state
+
+
+def rewrite_round(server_round: int, refresh_every: int) -> int:
+    """The round whose model produced the distilled set in use at `server_round`
+    (0 = the base model, before round 1)."""
+    if refresh_every <= 0:
+        return 0
+    return ((server_round - 1) // refresh_every) * refresh_every
+
+
+def _fingerprint(state: AdapterState) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(state[key]).tobytes())
+    return digest.hexdigest()
+
+
+def distilled_training_records(
+    session: ClientSession, server_round: int, global_adapter: str, global_state: AdapterState
+) -> list[Record]:
+    """The client's distilled set for this round.
+
+    Generated once per source model and cached on the client's disk, keyed by model, adapter,
+    data, template and generation settings; a copy for the run goes to the client's state
+    folder (`distill/round-RRR.jsonl` + diagnostics), which a resumed client reads back
+    instead of rewriting with a later model.
+    """
+    cfg = session.cfg
+    source_round = rewrite_round(server_round, cfg.distill.refresh_every)
+    if session.distill_key and session.distill_source_round == source_round:
+        return distilled_records(session.distill_rows)
+    run_copy = session.state_dir / "distill" / f"round-{source_round:03d}.jsonl"
+    use_global = source_round > 0
+    stats = GenerationStats()
+
+    def compute() -> list[DistilledRow]:
+        model, tok = session.model, session.tokenizer
+        seed = derive_seed(cfg.seed, "distill", session.client_id, source_round)
+        progress = f"client {session.client_id}: rewriting"
+        with session.runtime.autocast():
+            if use_global:  # the current global model (W0 + global adapter) rewrites
+                set_adapter_state(model, global_adapter, global_state)
+                activate(model, [global_adapter], trainable=[])
+                return distill_records(model, tok, session.data.train, cfg.distill, seed=seed,
+                                       progress=progress, stats=stats)
+            with model.disable_adapter():  # the base model W0 rewrites
+                return distill_records(model, tok, session.data.train, cfg.distill, seed=seed,
+                                       progress=progress, stats=stats)
+
+    if run_copy.exists():
+        rows = read_rows(run_copy)
+    else:
+        fingerprint = _fingerprint(global_state) if use_global else None
+        key = cache_key(cfg.model.name, fingerprint, session.data.train, cfg.distill, seed=cfg.seed)
+        rows, _ = load_or_distill(session.cache_dir / "distill", key, compute)
+        write_json_atomic(run_copy.with_suffix(".diagnostics.json"), summarize(rows))
+        write_text_atomic(run_copy, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rows))
+    session.distill_rows = rows
+    session.distill_key = f"{source_round}"
+    session.distill_source_round = source_round
+    session.distill_generate_calls += stats.calls
+    return distilled_records(rows)
+
+
+def read_rows(path: Path) -> list[DistilledRow]:
+    with path.open(encoding="utf-8") as f:
+        return [DistilledRow.from_json(json.loads(line)) for line in f if line.strip()]
+
+
+def distill_metrics(session: ClientSession) -> dict[str, float]:
+    """The diagnostics of the client's distilled set, as numbers for the server."""
+    summary = summarize(session.distill_rows)
+    return {f"distill/{k}": float(v) for k, v in summary.items() if v is not None}

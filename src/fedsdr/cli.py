@@ -1,0 +1,173 @@
+"""The `fedsdr` command.
+
+    fedsdr run --config FILE [--set key=value ...] [--out DIR] [--resume]
+    fedsdr compare --config A --config B ... [--out DIR]     one table over several runs
+    fedsdr distill --config FILE [--out DIR]                FedSD's rewriting step alone
+    fedsdr export RUN_DIR [--round N] [--client K] --out DIR [--merge]
+    fedsdr models prepare NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from fedsdr.config import ConfigError, RunConfig, load_config
+from fedsdr.data.schema import DataError
+
+
+def _out_dir(cfg: RunConfig, out: str | None, config_path: str) -> Path:
+    if out:
+        return Path(out)
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    return Path("runs") / Path(config_path).stem
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedsdr import progress
+    from fedsdr.federation.engine import run_federation
+    from fedsdr.runs import RunDir
+
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume needs --out RUN_DIR (the folder of the run to continue)")
+        run = RunDir(Path(args.out))
+        cfg = run.read_config()
+        if args.set:
+            raise ConfigError("--resume continues a run with its saved config; --set is not allowed")
+    else:
+        cfg = load_config(args.config, args.set)
+        run = RunDir(_out_dir(cfg, args.out, args.config))
+        if run.last_checkpoint() and not args.force:
+            raise ConfigError(f"{run.root} already holds a run; pass --resume to continue it, "
+                              "--force to start over, or another --out")
+        run.write_config(cfg)
+    started = time.perf_counter()
+    with progress.live():
+        summary = run_federation(cfg, run, resume=args.resume)
+    final, first = summary.get("final") or {}, summary.get("round0") or {}
+    progress.console.print(
+        f"[bold]{cfg.name}[/]: global held-out loss {first.get('loss', float('nan')):.4f} (round 0) -> "
+        f"{final.get('loss', float('nan')):.4f} (round {summary['rounds']}); "
+        f"{time.perf_counter() - started:.0f} s; outputs in {run.root}"
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedsdr.compare import comparison_table, write_comparison
+
+    from fedsdr import progress
+    from fedsdr.federation.engine import run_federation
+    from fedsdr.runs import RunDir
+
+    root = Path(args.out or "runs/compare")
+    summaries = []
+    with progress.live():
+        for path in args.config:
+            cfg = load_config(path, args.set)
+            run = RunDir(root / Path(path).stem)
+            resume = bool(run.last_checkpoint())
+            if not resume:
+                run.write_config(cfg)
+            summaries.append(run_federation(cfg, run, resume=resume))
+    progress.console.print(comparison_table(summaries))
+    write_comparison(root, summaries)
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from fedsdr.distill_command import distill_all
+
+    cfg = load_config(args.config, args.set)
+    distill_all(cfg, Path(args.out) if args.out else _out_dir(cfg, None, args.config))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedsdr.export import export_run
+
+    out = export_run(Path(args.run_dir), Path(args.out), server_round=args.round, client=args.client,
+                     merge=args.merge)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from fedsdr.models.bundled import BUNDLED_MODELS, prepare_bundled
+
+    if args.name not in BUNDLED_MODELS:
+        raise ConfigError(f"unknown bundled model {args.name!r}; known: {sorted(BUNDLED_MODELS)}")
+    path = prepare_bundled(args.name, Path(args.cache_dir) if args.cache_dir else None)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsdr", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
+        p.add_argument("--config", required=not multiple or True, action="append" if multiple else "store",
+                       help="TOML config file" + (" (repeat for several runs)" if multiple else ""))
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set federation.rounds=5 (repeatable)")
+        p.add_argument("--out", help="output folder")
+
+    p = sub.add_parser("run", help="run federated fine-tuning")
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set federation.rounds=5 (repeatable)")
+    p.add_argument("--out", help="output folder (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete round")
+    p.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="run several configs on the same clients and print one table")
+    config_args(p, multiple=True)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("distill", help="run FedSD's rewriting step alone and print its diagnostics")
+    config_args(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("export", help="export adapters of a run as standard PEFT folders")
+    p.add_argument("run_dir")
+    p.add_argument("--round", type=int, default=None, help="checkpoint round (default: the last)")
+    p.add_argument("--client", type=int, default=None, help="FedSDR: include this client's LoRA-S")
+    p.add_argument("--merge", action="store_true", help="also write a merged model (base + adapters)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("models", help="manage bundled models")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    mp = msub.add_parser("prepare", help="download and convert a bundled model into the cache")
+    mp.add_argument("name")
+    mp.add_argument("--cache-dir", default=None)
+    mp.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "run" and not args.resume and not args.config:
+        print("fedsdr run: --config FILE is required (or --resume --out RUN_DIR)", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; completed rounds are checkpointed: rerun with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

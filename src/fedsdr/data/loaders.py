@@ -1,0 +1,171 @@
+"""Read user data (JSONL, JSON, CSV, Parquet, `datasets`) into validated `Record`s.
+
+Every error names the file, the line (or row) and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from fedsdr.data.schema import DataError, Record
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def detect_format(source: str) -> str:
+    path = Path(source)
+    if path.is_dir():
+        return "datasets"
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        if path.exists():
+            raise DataError(f"{source}: unknown file type {path.suffix!r}; use one of {sorted(FORMATS)}")
+        return "datasets"  # a hub name such as "tatsu-lab/alpaca"
+    return fmt
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
+
+
+def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{n}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+
+
+def _rows_json(path: Path) -> Iterator[tuple[str, Any]]:
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a list of records (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of records, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        yield f"{path}: record {i}", row
+
+
+def _rows_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    reader = csv.DictReader(_read_text(path).splitlines(keepends=True))
+    for row in reader:
+        yield f"{path}:{reader.line_num}", row
+
+
+def _rows_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: cannot read Parquet: {e}") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path}: row {i}", row
+
+
+def _rows_datasets(source: str, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        if Path(source).is_dir():
+            ds = datasets.load_from_disk(source)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(source, split=split)
+    except Exception as e:
+        raise DataError(f"{source}: cannot load as a `datasets` dataset (split {split!r}): {e}") from None
+    for i, row in enumerate(ds):
+        yield f"{source}[{split}] row {i}", row
+
+
+def _text(where: str, row: Mapping[str, Any], column: str, logical: str, required: bool) -> str | None:
+    value = row.get(column)
+    if value is None or (isinstance(value, float) and value != value):  # NaN from pandas/CSV
+        if required:
+            raise DataError(f"{where}: missing field {column!r} ({logical})")
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise DataError(f"{where}: field {column!r} ({logical}) must be text, got {type(value).__name__}")
+    return str(value)
+
+
+def to_record(where: str, row: Any, fields: Mapping[str, str], default_domain: str, index: int) -> Record:
+    """Validate one raw row and map its columns to a `Record`."""
+    if not isinstance(row, Mapping):
+        raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
+    instruction = _text(where, row, fields["instruction"], "instruction", required=True)
+    output = _text(where, row, fields["output"], "output", required=True)
+    assert instruction is not None and output is not None
+    if not instruction.strip():
+        raise DataError(f"{where}: field {fields['instruction']!r} (instruction) is empty")
+    if not output.strip():
+        raise DataError(f"{where}: field {fields['output']!r} (output) is empty")
+    answer = _text(where, row, fields["answer"], "answer", required=False)
+    scorer = _text(where, row, fields["scorer"], "scorer", required=False)
+    if answer and not scorer:
+        scorer = "exact"
+    return Record(
+        id=_text(where, row, fields["id"], "id", required=False) or f"rec-{index:06d}",
+        instruction=instruction,
+        input=_text(where, row, fields["input"], "input", required=False) or "",
+        output=output,
+        domain=_text(where, row, fields["domain"], "domain", required=False) or default_domain,
+        answer=answer or None,
+        scorer=scorer or None,
+        meta=dict(row["meta"]) if isinstance(row.get("meta"), Mapping) else {},
+    )
+
+
+def load_records(
+    source: str,
+    *,
+    fmt: str = "auto",
+    fields: Mapping[str, str] | None = None,
+    split: str = "train",
+    default_domain: str = "default",
+) -> list[Record]:
+    """Load and validate every record of a file, folder or `datasets` name."""
+    fields = {**{k: k for k in ("id", "instruction", "input", "output", "domain", "answer", "scorer")}, **(fields or {})}
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    readers = {
+        "jsonl": lambda: _rows_jsonl(Path(source)),
+        "json": lambda: _rows_json(Path(source)),
+        "csv": lambda: _rows_csv(Path(source)),
+        "parquet": lambda: _rows_parquet(Path(source)),
+        "datasets": lambda: _rows_datasets(source, split),
+    }
+    if fmt not in readers:
+        raise DataError(f"{source}: unknown format {fmt!r}; use one of {sorted(readers)}")
+    records = [to_record(where, row, fields, default_domain, i) for i, (where, row) in enumerate(readers[fmt]())]
+    if not records:
+        raise DataError(f"{source}: no records")
+    seen: dict[str, int] = {}
+    for i, r in enumerate(records):
+        if r.id in seen:
+            raise DataError(f"{source}: duplicate id {r.id!r} (records {seen[r.id]} and {i})")
+        seen[r.id] = i
+    return records

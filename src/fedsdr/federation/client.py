@@ -1,0 +1,111 @@
+"""The Flower ClientApp: train and evaluate on the client's private data.
+
+What a client sends back is adapter tensors of the global adapter and numbers (MetricRecord);
+its data, its rewrites and its local adapter (FedSDR's LoRA-S) stay with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsdr.algorithms import Algorithm, ClientSession, get_algorithm
+from fedsdr.config import RunConfig, config_from_json
+from fedsdr.data.federated import build_federated_data, load_silo_data
+from fedsdr.evaluate import evaluate_records, flatten
+from fedsdr.models.adapters import activate, from_arrayrecord, set_adapter_state, to_arrayrecord
+from fedsdr.models.bundled import default_cache_dir
+from fedsdr.models.loading import shared_model
+
+client_app = ClientApp()
+
+_SESSIONS: dict[tuple[str, int], ClientSession] = {}
+
+
+def _node_partition(context: Context) -> int:
+    return int(context.node_config.get("partition-id", 0))
+
+
+def client_session(msg: Message, context: Context) -> tuple[ClientSession, Algorithm]:
+    """This node's session (model, private data, disk), built on first use and reused."""
+    config = msg.content["config"]
+    cfg_json = str(config["fedsdr-config"])
+    cfg: RunConfig = config_from_json(cfg_json)
+    algorithm = get_algorithm(cfg.federation.algorithm)
+    client_id = _node_partition(context)
+    key = (hashlib.sha256(cfg_json.encode()).hexdigest(), client_id)
+    session = _SESSIONS.get(key)
+    if session is None:
+        model, tokenizer, runtime, _ = shared_model(cfg.model, cfg.lora, algorithm.adapters(cfg), cfg.seed)
+        node = context.node_config
+        if "data-path" in node:  # a deployed silo reads its own file
+            data = load_silo_data(str(node["data-path"]), client_id, cfg.data, cfg.seed)
+        else:
+            data = build_federated_data(cfg.data, cfg.partition, cfg.seed).clients[client_id]
+        state_root = Path(str(node.get("state-dir") or config.get("client-state-root") or "fedsdr-client"))
+        cache = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
+        session = ClientSession(
+            cfg=cfg, client_id=client_id, model=model, tokenizer=tokenizer, runtime=runtime, data=data,
+            state_dir=state_root / f"client-{client_id}", cache_dir=cache,
+        )
+        _SESSIONS.clear()  # one run at a time per process
+        _SESSIONS[key] = session
+    return session, algorithm
+
+
+def _local_state(context: Context) -> dict[str, Any]:
+    return {k: from_arrayrecord(v) for k, v in context.state.array_records.items()}
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    session, algorithm = client_session(msg, context)
+    config = dict(msg.content["config"])
+    server_round = int(config["server-round"])
+    global_state = from_arrayrecord(msg.content["arrays"])
+    local_state = _local_state(context)
+    result = algorithm.train(session, global_state, server_round, config, local_state)
+    for name, state in local_state.items():  # Context state persists on this node across rounds
+        context.state[name] = to_arrayrecord(state)
+    metrics = MetricRecord(
+        {**result.metrics, "num-examples": result.num_examples, "partition-id": session.client_id}
+    )
+    return Message(RecordDict({"arrays": to_arrayrecord(result.state), "metrics": metrics}), reply_to=msg)
+
+
+@client_app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The global model on this client's test split; for FedSDR also the personalized model."""
+    session, algorithm = client_session(msg, context)
+    cfg, model = session.cfg, session.model
+    server_round = int(msg.content["config"]["server-round"])
+    adapters = [spec.name for spec in algorithm.adapters(cfg)]
+    set_adapter_state(model, adapters[0], from_arrayrecord(msg.content["arrays"]))
+    figures: dict[str, float] = {}
+    models = {"global": adapters[:1]}
+    local_state = _local_state(context)
+    if len(adapters) > 1:  # FedSDR: W0 + S_k + R, with S_k as it is now on this client
+        from fedsdr.algorithms.fedsdr import SMOOTH, load_smooth
+
+        set_adapter_state(model, SMOOTH, load_smooth(session, server_round + 1, local_state))
+        models["personalized"] = adapters
+    for label, active in models.items():
+        activate(model, active, trainable=[])
+        result = evaluate_records(
+            model, session.tokenizer, session.data.test, cfg.eval, autocast=session.runtime.autocast,
+            system_prompt=cfg.data.system_prompt, seed=cfg.seed,
+            progress=f"client {session.client_id}: eval {label}",
+        )
+        prefix = "" if label == "global" else f"{label}:"
+        figures.update({prefix + k: v for k, v in flatten(result).items()})
+    metrics = MetricRecord(
+        {**figures, "num-examples": len(session.data.test), "partition-id": session.client_id}
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+__all__ = ["ArrayRecord", "client_app", "client_session"]

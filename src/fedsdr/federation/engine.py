@@ -1,0 +1,148 @@
+"""Engines that run the same ServerApp logic and ClientApp: in one process, or on Ray.
+
+`inprocess` (default): a Grid that hands each message straight to the ClientApp with that
+node's Context, in this process; the base model is loaded once and shared by all virtual
+clients. No Ray, no SuperLink, ~1 s to start.
+`ray`: Flower's simulation engine (`flwr.simulation.run_simulation`), clients in Ray actors.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+from uuid import uuid4
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsdr.config import RunConfig
+from fedsdr.runs import RunDir
+
+SERVER_NODE_ID = 1
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are virtual clients in this process, each with its own Context
+    (which persists across rounds, as on a SuperNode)."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict[str, Any] | None = None) -> None:
+        self.client_app = client_app
+        self._run = Run.create_empty(run_id=1)
+        # Messages built by strategies read the sender's identity from here (a SuperLink
+        # process sets it; we are the ServerApp process).
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE_ID, 0
+        self.contexts = {
+            1000 + pid: Context(
+                run_id=1, node_id=1000 + pid,
+                node_config={"partition-id": pid, "num-partitions": num_nodes},
+                state=RecordDict(), run_config=dict(run_config or {}),
+            )
+            for pid in range(num_nodes)
+        }
+        self._inbox: dict[str, Message] = {}
+        self.sent: list[Message] = []  # every message that reached a client (for inspection)
+        self.received: list[Message] = []  # every reply that reached the server
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self.contexts:
+                raise ValueError(f"no node {msg.metadata.dst_node_id}")
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            msg.metadata.__dict__["_src_node_id"] = SERVER_NODE_ID
+            self._inbox[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = []
+        for mid in message_ids:
+            msg = self._inbox.pop(mid)
+            self.sent.append(msg)
+            reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            reply.metadata.__dict__["_message_id"] = str(uuid4())
+            self.received.append(reply)
+            replies.append(reply)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        # Clients run one after the other in this process, in the order they were sampled.
+        return self.pull_messages(self.push_messages(messages))
+
+
+def quiet_libraries() -> None:
+    for key, value in {
+        "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "TOKENIZERS_PARALLELISM": "false",
+    }.items():
+        os.environ.setdefault(key, value)
+    import logging
+    import warnings
+
+    import transformers
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message="Classes: .* will NOT be used", category=UserWarning)
+
+
+def run_inprocess(cfg: RunConfig, run: RunDir, resume: bool = False, grid: InProcessGrid | None = None) -> dict:
+    from fedsdr.federation.client import client_app
+    from fedsdr.federation.server import Server
+
+    quiet_libraries()
+    grid = grid or InProcessGrid(client_app, cfg.partition.num_clients)
+    return Server(cfg, run).run_rounds(grid, resume=resume)
+
+
+def run_ray(cfg: RunConfig, run: RunDir, resume: bool = False) -> dict:
+    from flwr.simulation import run_simulation
+
+    from fedsdr.federation.client import client_app
+    from fedsdr.federation.server import Server
+
+    quiet_libraries()
+    result: dict[str, Any] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        result.update(Server(cfg, run).run_rounds(grid, resume=resume))
+
+    started = time.perf_counter()
+    run_simulation(
+        server_app=server_app, client_app=client_app, num_supernodes=cfg.partition.num_clients,
+        backend_config={"client_resources": {"num_cpus": cfg.federation.ray_client_cpus, "num_gpus": 0.0},
+                        "init_args": {"include_dashboard": False, "log_to_driver": True}},
+    )
+    if not result:
+        raise RuntimeError(f"ray engine: the run ended without a result after {time.perf_counter() - started:.0f} s; "
+                           "see the log above")
+    return result
+
+
+def run_federation(cfg: RunConfig, run: RunDir, resume: bool = False) -> dict:
+    if cfg.federation.engine == "ray":
+        return run_ray(cfg, run, resume)
+    return run_inprocess(cfg, run, resume)

@@ -1,0 +1,144 @@
+"""LoRA adapters via PEFT: attach, (re)initialise, read/write as arrays, save in PEFT format."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from transformers import PreTrainedModel
+
+from fedsdr.config import LoraSettings
+from fedsdr.io import atomic_dir
+
+AdapterState = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One named LoRA adapter: rank and alpha may differ per adapter; target modules are shared."""
+
+    name: str
+    r: int
+    alpha: float
+
+    def lora_config(self, lora: LoraSettings) -> LoraConfig:
+        targets = lora.target_modules
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=lora.dropout,
+            target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+def attach_adapters(
+    base: PreTrainedModel, lora: LoraSettings, specs: list[AdapterSpec], seed: int
+) -> PeftModel:
+    """Wrap the frozen base with the given adapters, all active and summed in the forward pass."""
+    torch.manual_seed(seed)  # PEFT initialises lora_A from the global RNG
+    model = get_peft_model(base, specs[0].lora_config(lora), adapter_name=specs[0].name)
+    for spec in specs[1:]:
+        model.add_adapter(spec.name, spec.lora_config(lora))
+    activate(model, [s.name for s in specs], trainable=[])
+    return model
+
+
+def activate(model: PeftModel, active: list[str], trainable: list[str]) -> None:
+    """Make `active` adapters take part in the forward pass; only `trainable` ones get gradients.
+
+    PEFT's `set_adapter` switches gradients back on for every active adapter, so freeze after it.
+    """
+    model.base_model.set_adapter(active if len(active) > 1 else active[0])
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(f".{a}." in name for a in trainable) and "lora_" in name)
+
+
+def adapter_parameters(model: PeftModel, adapter: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if "lora_" in n and f".{adapter}." in n]
+
+
+def get_adapter_state(model: PeftModel, adapter: str) -> AdapterState:
+    """The adapter's tensors under PEFT's saved key names (adapter name stripped), as fp32 numpy."""
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()}
+
+
+def set_adapter_state(model: PeftModel, adapter: str, state: Mapping[str, np.ndarray]) -> None:
+    expected = set(get_peft_model_state_dict(model, adapter_name=adapter))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise ValueError(
+            f"adapter {adapter!r}: tensors do not match (missing {missing}, unexpected {extra})"
+        )
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    result = set_peft_model_state_dict(model, tensors, adapter_name=adapter)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"adapter {adapter!r}: unexpected keys {result.unexpected_keys[:3]}")
+
+
+def fresh_adapter_state(model: PeftModel, adapter: str, seed: int) -> AdapterState:
+    """A new LoRA initialisation drawn from `seed`: A ~ PEFT's kaiming-uniform, B = 0."""
+    gen = torch.Generator().manual_seed(seed)
+    state: AdapterState = {}
+    for key, value in sorted(get_adapter_state(model, adapter).items()):
+        if "lora_A" in key:
+            bound = 1.0 / math.sqrt(value.shape[1])
+            sample = torch.rand(value.shape, generator=gen, dtype=torch.float32) * 2 * bound - bound
+            state[key] = sample.numpy()
+        else:
+            state[key] = np.zeros_like(value)
+    return state
+
+
+def state_nbytes(state: Mapping[str, np.ndarray]) -> int:
+    return int(sum(v.nbytes for v in state.values()))
+
+
+def to_arrayrecord(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def from_arrayrecord(record: ArrayRecord) -> AdapterState:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def arrayrecord_nbytes(record: ArrayRecord) -> int:
+    return int(sum(len(a.data) for a in record.values()))
+
+
+def save_peft_adapter(
+    out_dir: Path,
+    state: Mapping[str, np.ndarray],
+    spec: AdapterSpec,
+    lora: LoraSettings,
+    base_model: str,
+) -> None:
+    """Write a standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors), atomically."""
+    with atomic_dir(Path(out_dir)) as tmp:
+        config = spec.lora_config(lora)
+        config.base_model_name_or_path = base_model
+        config.save_pretrained(str(tmp))
+        save_numpy(
+            {k: np.ascontiguousarray(v) for k, v in state.items()},
+            str(tmp / "adapter_model.safetensors"),
+        )
+
+
+def load_adapter_file(folder: Path) -> AdapterState:
+    return load_numpy(str(Path(folder) / "adapter_model.safetensors"))

@@ -1,0 +1,59 @@
+"""One shared rich progress display: rounds, clients, steps and generation bars nest in it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=False)
+_active: Progress | None = None
+
+
+def enabled() -> bool:
+    return os.environ.get("FEDSDR_PROGRESS", "1") != "0" and sys.stdout.isatty() or os.environ.get(
+        "FEDSDR_PROGRESS"
+    ) == "1"
+
+
+@contextmanager
+def live() -> Iterator[None]:
+    """Open the shared display for the duration of a command (no-op when not a terminal)."""
+    global _active
+    if _active is not None or not enabled():
+        yield
+        return
+    _active = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console, transient=False,
+    )
+    try:
+        with _active:
+            yield
+    finally:
+        _active = None
+
+
+@contextmanager
+def task(description: str | None, total: int) -> Iterator[Callable[[int], None]]:
+    """Yield `advance(k)` for a bar in the shared display; a no-op without one."""
+    if description is None or _active is None:
+        yield lambda k: None
+        return
+    progress = _active
+    task_id = progress.add_task(description, total=total)
+    try:
+        yield lambda k: progress.advance(task_id, k)
+    finally:
+        progress.remove_task(task_id)

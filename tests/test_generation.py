@@ -1,0 +1,168 @@
+"""The batched generation engine on a tiny random Llama (fp32, CPU, seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from fedsdr.generation import GenerationStats, generate, generate_detailed
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is 6 times 7? The answer is 42.",
+    "Answer the instruction yourself. Use the reference answer only as a guide.",
+    "def add(a, b):\n    return a + b",
+    "Federated learning trains one model across many clients.",
+] * 20
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained offline; eos = pad = <|im_end|> (as in SmolLM2)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(CORPUS, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>"
+    )
+    tok.chat_template = CHATML
+    return tok
+
+
+def tiny_model(tok: PreTrainedTokenizerFast, eos_scale: float = 2.0) -> LlamaForCausalLM:
+    """Random Llama (hidden 64, 2 layers, 4 heads). Its eos logit is scaled so that some
+    rows stop at eos and others run to their budget."""
+    torch.manual_seed(0)
+    eos = tok.eos_token_id
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    model = LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        model.lm_head.weight[eos] *= eos_scale
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerFast:
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    return tiny_model(tok)
+
+
+def chat(i: int) -> list[dict[str, str]]:
+    messages = [{"role": "user", "content": f"item {i} " * (i % 5 + 1) + "what is 6 times 7?"}]
+    if i % 3 == 0:
+        messages.insert(0, {"role": "system", "content": "Be brief."})
+    return messages
+
+
+PROMPTS = [chat(i) for i in range(24)]
+BUDGETS = [10 + i % 13 for i in range(24)]
+
+
+def test_batched_equals_unbatched_greedy(model, tok) -> None:
+    # The ChatML prompts contain <|im_end|> (= eos = pad) mid-prompt: a mask derived from
+    # pad ids would corrupt them; the tokenizer's attention mask does not.
+    batched = generate_detailed(model, tok, PROMPTS, max_new_tokens=BUDGETS, batch_size=8)
+    single = [
+        generate_detailed(model, tok, [p], max_new_tokens=b)[0]
+        for p, b in zip(PROMPTS, BUDGETS, strict=True)
+    ]
+    # fp32 on CPU: left padding + attention mask reproduce unpadded greedy decoding exactly
+    # here (24/24). Rows mix eos-stops and budget-stops, and budgets differ within a batch.
+    assert batched == single
+    assert 0 < sum(g.finished for g in batched) < len(batched)
+    for g, b in zip(batched, BUDGETS, strict=True):
+        assert g.num_tokens <= b
+        assert g.finished or g.num_tokens == b
+    assert generate(model, tok, PROMPTS, max_new_tokens=BUDGETS, batch_size=8) == [
+        g.text for g in batched
+    ]
+
+
+def test_order_preserved(model, tok) -> None:
+    forward = generate(model, tok, PROMPTS, max_new_tokens=BUDGETS, batch_size=5)
+    backward = generate(model, tok, PROMPTS[::-1], max_new_tokens=BUDGETS[::-1], batch_size=5)
+    assert backward == forward[::-1]
+    assert len(set(forward)) > 1
+
+
+def test_seeded_sampling_is_reproducible(model, tok) -> None:
+    kwargs = dict(max_new_tokens=12, batch_size=4, do_sample=True, temperature=1.0, top_p=0.95)
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = generate(model, tok, PROMPTS[:8], seed=7, **kwargs)
+    after = torch.rand(3)
+    b = generate(model, tok, PROMPTS[:8], seed=7, **kwargs)
+    c = generate(model, tok, PROMPTS[:8], seed=8, **kwargs)
+    greedy = generate(model, tok, PROMPTS[:8], max_new_tokens=12, batch_size=4)
+    assert a == b
+    assert a != c
+    assert a != greedy
+    assert torch.equal(before, after)  # the global RNG stream is left untouched
+
+
+def test_stats_count_calls_and_tokens(model, tok) -> None:
+    stats = GenerationStats()
+    out = generate_detailed(model, tok, PROMPTS[:10], max_new_tokens=9, batch_size=4, stats=stats)
+    assert stats.calls == 3
+    assert stats.records == 10
+    assert stats.new_tokens == sum(g.num_tokens for g in out)
+    assert stats.seconds > 0 and stats.tokens_per_second > 0
+    generate(model, tok, PROMPTS[:3], max_new_tokens=4, batch_size=16, stats=stats)
+    assert stats.calls == 4 and stats.records == 13
+
+
+def test_state_restored_and_progress(model, tok) -> None:
+    model.train()
+    side = tok.padding_side
+    out = generate(model, tok, PROMPTS[:6], max_new_tokens=6, batch_size=4, progress="gen")
+    assert model.training
+    model.eval()
+    assert tok.padding_side == side
+    assert out == generate(model, tok, PROMPTS[:6], max_new_tokens=6, batch_size=4)
+    assert generate(model, tok, [], max_new_tokens=6) == []
+
+
+def test_bad_arguments(model, tok) -> None:
+    with pytest.raises(ValueError, match="budgets"):
+        generate(model, tok, PROMPTS[:3], max_new_tokens=[4, 4])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, tok, PROMPTS[:3], max_new_tokens=0)
+
+
+def test_peft_model(tok) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base_out = generate(tiny_model(tok), tok, PROMPTS[:6], max_new_tokens=8, batch_size=4)
+    peft_model = get_peft_model(
+        tiny_model(tok), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    # LoRA B starts at zero: the adapted model equals the base model.
+    assert generate(peft_model, tok, PROMPTS[:6], max_new_tokens=8, batch_size=4) == base_out
