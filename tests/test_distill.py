@@ -10,7 +10,7 @@ from rich.console import Console
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-import fedsdr.distill.engine as engine
+import fedsdr.generation as generation
 from fedsdr.data.schema import Record
 from fedsdr.distill import (
     DistillConfig,
@@ -32,6 +32,16 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matmuls are too small to share; with 2 OMP threads a busy machine
+    (other processes on the 2 cores) made these tests 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +167,7 @@ def test_targets_fall_back_to_raw(monkeypatch) -> None:
         assert len(prompts) == len(records) == len(max_new_tokens)
         return [Generation(text, 5, not trunc) for _, text, trunc, _ in CASES]
 
-    monkeypatch.setattr(engine, "generate_detailed", fake_generate)
+    monkeypatch.setattr(generation, "generate_detailed", fake_generate)
 
     class Tok:
         def __call__(self, texts, add_special_tokens=False):

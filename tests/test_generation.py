@@ -64,6 +64,16 @@ def tiny_model(tok: PreTrainedTokenizerFast, eos_scale: float = 2.0) -> LlamaFor
     return model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matmuls are too small to share; with 2 OMP threads a busy machine
+    (other processes on the 2 cores) made these tests 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
     return tiny_tokenizer()

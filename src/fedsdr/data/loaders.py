@@ -24,6 +24,8 @@ def detect_format(source: str) -> str:
     if fmt is None:
         if path.exists():
             raise DataError(f"{source}: unknown file type {path.suffix!r}; use one of {sorted(FORMATS)}")
+        if source.startswith((".", "/", "~")) or path.suffix:
+            raise DataError(f"{source}: file not found")
         return "datasets"  # a hub name such as "tatsu-lab/alpaca"
     return fmt
 
@@ -34,14 +36,15 @@ def _read_text(path: Path) -> str:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # tolerate the byte-order mark spreadsheets write
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
 
 
 def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+    # split on "\n" only: str.splitlines() would also cut at U+2028 inside JSON strings
+    for n, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:

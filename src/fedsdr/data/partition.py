@@ -49,8 +49,8 @@ def _partitioner(
             num_partitions=num_clients,
             partition_by="domain",
             num_classes_per_partition=k,
-            # Client i gets domains i, i+1, ... (mod the number of domains): reproducible and
-            # covering every domain when there are at least as many clients as domains.
+            # Client i's first domain is domain i (mod the number of domains), the others are
+            # drawn with the seed: every domain is used when clients >= domains.
             class_assignment_mode="first-deterministic",
             shuffle=True,
             seed=seed,
@@ -78,9 +78,14 @@ def partition_records(
     partitioner = _partitioner(method, num_clients, seed, alpha, domains_per_client, len(domains))
     partitioner.dataset = table
     parts: list[list[Record]] = []
-    for cid in range(num_clients):
-        indices = partitioner.load_partition(cid)["index"]
-        parts.append([records[i] for i in sorted(indices)])
+    try:
+        for cid in range(num_clients):
+            indices = partitioner.load_partition(cid)["index"]
+            parts.append([records[i] for i in sorted(indices)])
+    except (ValueError, IndexError) as e:  # flwr-datasets refuses impossible splits
+        raise DataError(
+            f"partition.method={method!r} cannot split {len(records)} records over {num_clients} clients: {e}"
+        ) from None
     empty = [cid for cid, p in enumerate(parts) if not p]
     if empty:
         raise DataError(

@@ -8,14 +8,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedsdr.data.schema import Record
 from fedsdr.distill.filters import FilterConfig, check_rewrite, is_consistent, length_ratio
 from fedsdr.distill.prompt import RewriteTemplate, build_rewrite_messages
-from fedsdr.generation import GenerationStats, generate_detailed
+
+if TYPE_CHECKING:  # torch is imported only when rewriting runs, not with the config
+    from fedsdr.generation import GenerationStats
 
 
 class DistillConfig(BaseModel):
@@ -116,6 +118,8 @@ def distill_records(
     stats: GenerationStats | None = None,
 ) -> list[DistilledRow]:
     """Rewrite every record with `model`, filter, and choose each training target."""
+    from fedsdr.generation import generate_detailed
+
     if not records:
         return []
     references = tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]

@@ -1,0 +1,80 @@
+"""Shared bits of the benchmark scripts: arguments, config loading, output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = "configs/quickstart.toml"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"TOML config (default {DEFAULT_CONFIG})"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, repeatable (e.g. --set train.local_steps=1)",
+    )
+    p.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="also write the figures here"
+    )
+    return p
+
+
+def load(args: argparse.Namespace) -> Any:
+    """The run config, with the libraries quietened the way the CLI does it."""
+    os.environ.setdefault("FEDSDR_PROGRESS", "0")
+    from fedsdr.config import load_config
+    from fedsdr.federation.engine import quiet_libraries
+
+    quiet_libraries()
+    return load_config(args.config, args.overrides)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+@contextmanager
+def stopwatch() -> Iterator[Callable[[], float]]:
+    """`with stopwatch() as elapsed:` ... `elapsed()` -> seconds (frozen at exit)."""
+    start = time.perf_counter()
+    end: list[float] = []
+    yield lambda: (end[0] if end else time.perf_counter()) - start
+    end.append(time.perf_counter())
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def write_json(path: Path | None, figures: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2, default=str) + "\n", encoding="utf-8")

@@ -1,0 +1,550 @@
+"""One FedAvg round: framework overhead and training throughput.
+
+What it measures (all in one process, so the figures are ratios taken side by side):
+
+(a) Framework overhead. The wall time of one real federated round -- `Server.train_round`
+    through the in-process engine's `InProcessGrid` and the real ClientApp: the adapter
+    serialised to an ArrayRecord, one Flower message per sampled client, the client's
+    session lookup, local training, the reply, FedAvg aggregation; no evaluation -- divided
+    by the wall time of the same local training run bare: for each sampled client, the same
+    initial adapter weights (a numpy dict, no ArrayRecord), the same examples, the same batch
+    and dropout seeds, `fedsdr.train.make_stream` + `sft_steps` called directly. A warm-up
+    (one client, one step, both paths) runs first so lazy initialisation and data building
+    are not counted; then bare, federated, bare, federated; medians are reported.
+    Both paths must do the same work: the per-client train losses are printed side by side
+    and must agree to ~1e-4 (they are normally identical), and the mean of the bare clients'
+    adapters must equal the server's aggregate.
+    Read it as: ratio 1.00 = Flower costs nothing; 1.05 = the federated round takes 5% longer
+    than its training. "outside sft_steps" splits each wall time into the training loop and
+    everything else.
+
+(b) Training throughput. Useful work of LoRA on a frozen base is ~4 x N FLOPs per non-pad
+    token (N = parameters of the base model's linear layers, lm_head included): forward 2N,
+    backward to the activations 2N; the frozen weights get no weight gradient (LoRA's own
+    matmuls and attention scores are left out). Achieved = 4 N x tokens / bare wall time.
+    Peak = the matmul FLOP/s torch reaches here, same process, same thread count, in the
+    runtime's compute dtype (bf16 on a CPU with native bf16, used through autocast), at the
+    model's own linear shapes (M = the mean padded tokens of a training batch; forward x W^T
+    and backward g W, weighted by how often each shape occurs in the model). fp32 is shown for
+    reference, and "autocast" = fp32 tensors under bf16 autocast, i.e. with the casts the model
+    pays on every call. Read achieved / peak as the fraction of the machine's matmul speed the
+    training loop turns into useful work (padding, attention, LoRA, optimizer, casts, Python
+    and memory-bound ops make up the rest).
+
+Usage:
+    .venv/bin/python benchmarks/bench_round.py [--config configs/quickstart.toml]
+        [--set train.local_steps=1] [--repeats 2] [--json out.json]
+The machine is shared and noisy: compare the figures within one run, not across runs.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load, machine, median, parser, stopwatch, write_json  # noqa: E402
+
+
+def bare_round(ctx: dict[str, Any], clients: list[int], steps: int) -> dict[str, Any]:
+    """The local training of one round without Flower: per client, load the initial adapter,
+    build the stream with the round's seeds, run `sft_steps`. Returns timings and losses."""
+    import torch
+
+    from fedsdr.algorithms import derive_seed
+    from fedsdr.models.adapters import (
+        activate,
+        adapter_parameters,
+        get_adapter_state,
+        set_adapter_state,
+    )
+    from fedsdr.train import make_stream, sft_steps
+
+    cfg, model, adapter = ctx["cfg"], ctx["model"], ctx["adapter"]
+    server_round = 1
+    out: dict[str, Any] = {"clients": {}, "wall": 0.0}
+    states = {}
+    for cid in clients:
+        examples = ctx["examples"][cid]
+        with stopwatch() as elapsed:
+            set_adapter_state(model, adapter, ctx["initial_state"])
+            activate(model, [adapter], trainable=[adapter])
+            stream = make_stream(
+                examples,
+                adapter_parameters(model, adapter),
+                cfg.train,
+                seed=derive_seed(cfg.seed, "batches", server_round, cid),
+            )
+            torch.manual_seed(derive_seed(cfg.seed, "dropout", server_round, cid))
+            stats = sft_steps(
+                model,
+                stream,
+                cfg.train,
+                steps=steps,
+                first_step=(server_round - 1) * steps,
+                total_steps=cfg.federation.rounds * steps,
+                pad_id=ctx["tokenizer"].pad_token_id,
+                autocast=ctx["runtime"].autocast,
+            )
+        out["wall"] += elapsed()
+        states[cid] = (get_adapter_state(model, adapter), len(examples))  # outside the timer
+        out["clients"][cid] = {
+            "losses": list(stats.losses),
+            "mean_loss": stats.mean_loss,
+            "tokens": stats.tokens,
+            "sft_seconds": stats.seconds,
+            "num_examples": len(examples),
+        }
+    out["tokens"] = sum(c["tokens"] for c in out["clients"].values())
+    out["sft_seconds"] = sum(c["sft_seconds"] for c in out["clients"].values())
+    out["states"] = states
+    return out
+
+
+def fed_round(ctx: dict[str, Any], server: Any) -> dict[str, Any]:
+    """One real federated training round (no evaluation, no checkpoint)."""
+    grid, arrays = ctx["grid"], ctx["arrays"]
+    calls_before = len(ctx["session_log"])
+    with stopwatch() as elapsed:
+        new_arrays, rows = server.train_round(grid, 1, arrays)
+    clients = {
+        int(r["scope"].split("-")[1]): {
+            "mean_loss": float(r["train_loss"]),
+            "tokens": int(r["tokens"]),
+            "sft_seconds": float(r["seconds"]),
+            "num_examples": int(r["num_examples"]),
+        }
+        for r in rows
+        if r["scope"] != "global"
+    }
+    log = ctx["session_log"][calls_before:]
+    return {
+        "wall": elapsed(),
+        "clients": clients,
+        "arrays": new_arrays,
+        "tokens": sum(c["tokens"] for c in clients.values()),
+        "sft_seconds": sum(c["sft_seconds"] for c in clients.values()),
+        "session_seconds": sum(s for _, _, s in log),
+        "sessions_rebuilt": sum(1 for _, rebuilt, _ in log if rebuilt),
+        "messages": len(log),
+    }
+
+
+def instrument_sessions(ctx: dict[str, Any]) -> None:
+    """Record, per ClientApp call, whether the client's session object was rebuilt and how long
+    the lookup took (a thin wrapper around `fedsdr.federation.client.client_session`)."""
+    import fedsdr.federation.client as client_module
+
+    original = client_module.client_session
+    last: dict[tuple[str, int], Any] = {}  # strong references: `is` is then reliable
+    log: list[tuple[int, bool, float]] = []
+
+    def wrapped(msg: Any, context: Any) -> Any:
+        with stopwatch() as elapsed:
+            session, algorithm = original(msg, context)
+        key = (str(msg.content["config"]["fedsdr-config"]), session.client_id)
+        rebuilt = key in last and last[key] is not session
+        last[key] = session
+        log.append((session.client_id, rebuilt, elapsed()))
+        return session, algorithm
+
+    client_module.client_session = wrapped
+    ctx["session_log"] = log
+    ctx["client_session"] = wrapped
+
+
+def round_messages(server: Any, grid: Any, arrays: Any) -> list[Any]:
+    """The train messages of round 1, sampled with the same seeding as `train_round`."""
+    from fedsdr.algorithms import derive_seed
+
+    random.seed(derive_seed(server.cfg.seed, "sample-train", 1))
+    return list(server.strategy.configure_train(1, arrays, server.base_config(), grid))
+
+
+def partition_of(grid: Any, msg: Any) -> int:
+    return int(grid.contexts[msg.metadata.dst_node_id].node_config["partition-id"])
+
+
+def padded_tokens(ctx: dict[str, Any], clients: list[int], steps: int) -> tuple[int, int]:
+    """(padded tokens, micro-batches) of the round's batches, replayed from the same seeds."""
+    from fedsdr.algorithms import derive_seed
+    from fedsdr.train import batches
+
+    cfg = ctx["cfg"]
+    total = count = 0
+    for cid in clients:
+        stream = batches(
+            ctx["examples"][cid],
+            cfg.train.batch_size,
+            derive_seed(cfg.seed, "batches", 1, cid),
+            cfg.train.length_grouping,
+        )
+        for _ in range(steps * cfg.train.grad_accum):
+            batch = next(stream)
+            total += len(batch) * max(len(e.input_ids) for e in batch)
+            count += 1
+    return total, count
+
+
+def linear_shapes(model: Any) -> tuple[Counter, dict[tuple[int, int], str]]:
+    """(in, out) of every linear layer of the frozen base (LoRA's own layers excluded)."""
+    import torch
+
+    shapes: Counter = Counter()
+    names: dict[tuple[int, int], set[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lora_" not in name:
+            key = (module.in_features, module.out_features)
+            shapes[key] += 1
+            leaf = name.split(".")[-1]
+            leaf = name.split(".")[-2] if leaf == "base_layer" else leaf
+            names.setdefault(key, set()).add(leaf)
+    return shapes, {k: ",".join(sorted(v)) for k, v in names.items()}
+
+
+def matmul_seconds(
+    m: int,
+    k: int,
+    n: int,
+    mode: str,
+    compute: Any,
+    direction: str,
+    min_time: float = 0.1,
+    repeats: int = 3,
+) -> float:
+    """Best-of-`repeats` seconds of one (m,k)x(k,n) matmul as the model does it.
+
+    direction fwd: F.linear(x[m,k], W[n,k]); bwd: g[m,n] @ W[n,k] (the gradient to the input).
+    mode: "compute" = tensors in the compute dtype; "fp32"; "autocast" = fp32 tensors under
+    autocast to the compute dtype (casts included)."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    dtype = compute if mode == "compute" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    if direction == "fwd":
+        x = torch.randn(m, k, generator=gen).to(dtype)
+
+        def op() -> Any:
+            return F.linear(x, w)
+    else:
+        g = torch.randn(m, n, generator=gen).to(dtype)
+
+        def op() -> Any:
+            return torch.mm(g, w)
+
+    ctx = (
+        torch.autocast("cpu", dtype=compute)
+        if mode == "autocast"
+        else torch.autocast("cpu", enabled=False)
+    )
+    best = float("inf")
+    with torch.inference_mode(), ctx:
+        for _ in range(2):
+            op()
+        for _ in range(repeats):
+            iters = 0
+            start = time.perf_counter()
+            while True:
+                op()
+                iters += 1
+                spent = time.perf_counter() - start
+                if spent >= min_time and iters >= 2:
+                    break
+            best = min(best, spent / iters)
+    return best
+
+
+def measure_peak(model: Any, m: int, compute: Any) -> dict[str, Any]:
+    """Matmul GFLOP/s at the model's linear shapes, per shape and model-weighted (fwd+bwd)."""
+    import torch
+
+    shapes, names = linear_shapes(model)
+    modes = ["compute", "fp32"] + (["autocast"] if compute != torch.float32 else [])
+    per_shape = []
+    totals = {mode: [0.0, 0.0] for mode in modes}  # flops, seconds (weighted by count)
+    for (k, n), count in sorted(shapes.items()):
+        flops = 2.0 * m * k * n
+        row: dict[str, Any] = {"layers": names[(k, n)], "in": k, "out": n, "count": count}
+        for mode in modes:
+            secs = [matmul_seconds(m, k, n, mode, compute, d) for d in ("fwd", "bwd")]
+            row[f"{mode}_gflops"] = 2 * flops / sum(secs) / 1e9
+            totals[mode][0] += count * 2 * flops
+            totals[mode][1] += count * sum(secs)
+        per_shape.append(row)
+    weighted = {mode: f / s / 1e9 for mode, (f, s) in totals.items()}
+    n_linear = sum(k * n * c for (k, n), c in shapes.items())
+    return {"m": m, "per_shape": per_shape, "weighted_gflops": weighted, "linear_params": n_linear}
+
+
+def max_state_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=2, help="bare/federated pairs (default 2)")
+    args = p.parse_args(argv)
+    cfg = load(args)
+    if cfg.federation.algorithm != "fedavg" or cfg.distill.enabled:
+        raise SystemExit(
+            "bench_round measures plain FedAvg: use federation.algorithm=fedavg, "
+            "distill.enabled=false"
+        )
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedsdr.data.federated import build_federated_data
+    from fedsdr.federation.client import client_app
+    from fedsdr.federation.engine import InProcessGrid
+    from fedsdr.federation.server import Server
+    from fedsdr.models.adapters import from_arrayrecord
+    from fedsdr.runs import RunDir
+    from fedsdr.train import encode_all
+
+    console = Console()
+    with stopwatch() as total_elapsed:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-round-")
+        run = RunDir(Path(tmp.name) / "run")
+        with stopwatch() as setup_elapsed:
+            server = Server(cfg, run)
+            grid = InProcessGrid(client_app, cfg.partition.num_clients)
+            arrays = server.initial_arrays()
+        ctx: dict[str, Any] = {
+            "cfg": cfg,
+            "model": server.model,
+            "tokenizer": server.tokenizer,
+            "runtime": server.runtime,
+            "adapter": server.spec.name,
+            "grid": grid,
+            "arrays": arrays,
+            "initial_state": {k: v.copy() for k, v in from_arrayrecord(arrays).items()},
+        }
+        instrument_sessions(ctx)
+        messages = round_messages(server, grid, arrays)
+        clients = [partition_of(grid, msg) for msg in messages]
+        data = build_federated_data(cfg.data, cfg.partition, cfg.seed)
+        encode_seconds = {}
+        ctx["examples"] = {}
+        for cid in clients:  # what the client does (once, lazily) in `session.raw_examples()`
+            with stopwatch() as elapsed:
+                ctx["examples"][cid], _ = encode_all(
+                    server.tokenizer,
+                    data.clients[cid].train,
+                    cfg.model.max_seq_len,
+                    cfg.data.system_prompt,
+                )
+            encode_seconds[cid] = elapsed()
+        steps = cfg.train.local_steps
+        console.print(
+            f"[bold]bench_round[/]: {cfg.name}, model {cfg.model.name}, clients {clients}, "
+            f"{steps} local steps x batch {cfg.train.batch_size}, "
+            f"compute {server.runtime.compute_dtype}, threads {torch.get_num_threads()}, "
+            f"setup {setup_elapsed():.1f} s"
+        )
+
+        # warm-up: one client, one step, both paths; then each client's session and data,
+        # as a long-lived client holds them after its first round ---------------------------
+        with stopwatch() as warm_elapsed:
+            bare_round(ctx, clients[:1], steps=1)
+            warm_cfg = cfg.model_copy(deep=True)
+            warm_cfg.train.local_steps = 1
+            warm_cfg.federation.fraction_train = 1.0 / cfg.partition.num_clients
+            warm_cfg.federation.min_train_clients = 1
+            fed_round(ctx, Server(warm_cfg, run))
+            for msg in messages:
+                session, _ = ctx["client_session"](msg, grid.contexts[msg.metadata.dst_node_id])
+                session.raw_examples()
+        console.print(f"warm-up {warm_elapsed():.1f} s")
+
+        # measure: bare, fed, bare, fed ---------------------------------------------------
+        bare_runs, fed_runs = [], []
+        for rep in range(args.repeats):
+            bare_runs.append(bare_round(ctx, clients, steps))
+            console.print(f"  bare #{rep + 1}: {bare_runs[-1]['wall']:.2f} s")
+            fed_runs.append(fed_round(ctx, server))
+            console.print(f"  federated #{rep + 1}: {fed_runs[-1]['wall']:.2f} s")
+
+        # same work? ----------------------------------------------------------------------
+        loss_rows, max_loss_diff = [], 0.0
+        for cid in clients:
+            bare_c = bare_runs[0]["clients"][cid]
+            fed_c = fed_runs[0]["clients"][cid]
+            diff = max(
+                abs(r["clients"][cid]["mean_loss"] - fed_c["mean_loss"])
+                for r in bare_runs + fed_runs
+            )
+            max_loss_diff = max(max_loss_diff, diff)
+            loss_rows.append(
+                {
+                    "client": cid,
+                    "bare_step_losses": bare_c["losses"],
+                    "bare_mean_loss": bare_c["mean_loss"],
+                    "fed_mean_loss": fed_c["mean_loss"],
+                    "max_abs_diff": diff,
+                    "tokens_bare": bare_c["tokens"],
+                    "tokens_fed": fed_c["tokens"],
+                }
+            )
+        weights = np.array([bare_runs[0]["states"][c][1] for c in clients], dtype=np.float64)
+        bare_mean = {
+            k: sum(
+                w * bare_runs[0]["states"][c][0][k] for w, c in zip(weights, clients, strict=True)
+            )
+            / weights.sum()
+            for k in ctx["initial_state"]
+        }
+        aggregate_diff = max_state_diff(bare_mean, from_arrayrecord(fed_runs[0]["arrays"]))
+        tokens_match = all(r["tokens_bare"] == r["tokens_fed"] for r in loss_rows)
+        same_work = max_loss_diff <= 1e-4 and tokens_match
+
+        # throughput ----------------------------------------------------------------------
+        bare_wall = median([r["wall"] for r in bare_runs])
+        fed_wall = median([r["wall"] for r in fed_runs])
+        tokens = bare_runs[0]["tokens"]
+        padded, micro = padded_tokens(ctx, clients, steps)
+        m = max(1, round(padded / micro))
+        with stopwatch() as peak_elapsed:
+            peak = measure_peak(server.model, m, server.runtime.compute_dtype)
+        n_linear = peak["linear_params"]
+        achieved = 4.0 * n_linear * tokens / bare_wall / 1e9
+        peak_compute = peak["weighted_gflops"]["compute"]
+        peak_fp32 = peak["weighted_gflops"]["fp32"]
+        peak_autocast = peak["weighted_gflops"].get("autocast")
+
+    figures: dict[str, Any] = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "model": cfg.model.name,
+        "compute_dtype": str(server.runtime.compute_dtype),
+        "machine": machine(),
+        "clients": clients,
+        "local_steps": steps,
+        "batch_size": cfg.train.batch_size,
+        "bare_wall_s": [r["wall"] for r in bare_runs],
+        "fed_wall_s": [r["wall"] for r in fed_runs],
+        "bare_wall_median_s": bare_wall,
+        "fed_wall_median_s": fed_wall,
+        "overhead_ratio": fed_wall / bare_wall,
+        "overhead_s": fed_wall - bare_wall,
+        "bare_outside_sft_s": median([r["wall"] - r["sft_seconds"] for r in bare_runs]),
+        "fed_outside_sft_s": median([r["wall"] - r["sft_seconds"] for r in fed_runs]),
+        "fed_client_session_s": median([r["session_seconds"] for r in fed_runs]),
+        "fed_sessions_rebuilt_per_round": [r["sessions_rebuilt"] for r in fed_runs],
+        "encode_seconds_per_client": encode_seconds,
+        "same_work": same_work,
+        "max_loss_diff": max_loss_diff,
+        "tokens_match": tokens_match,
+        "aggregate_max_abs_diff": aggregate_diff,
+        "losses": loss_rows,
+        "nonpad_tokens": tokens,
+        "padded_tokens": padded,
+        "pad_fraction": 1 - tokens / padded,
+        "matmul_m": m,
+        "linear_params": n_linear,
+        "achieved_gflops": achieved,
+        "peak_gflops": peak_compute,
+        "peak_fp32_gflops": peak_fp32,
+        "peak_autocast_gflops": peak_autocast,
+        "achieved_over_peak": achieved / peak_compute,
+        "achieved_over_fp32_peak": achieved / peak_fp32,
+        "peak_per_shape": peak["per_shape"],
+        "peak_seconds": peak_elapsed(),
+        "total_seconds": total_elapsed(),
+    }
+
+    table = Table(title="(a) one FedAvg round: federated vs bare local training")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("bare wall, runs (s)", ", ".join(f"{x:.2f}" for x in figures["bare_wall_s"]))
+    table.add_row("federated wall, runs (s)", ", ".join(f"{x:.2f}" for x in figures["fed_wall_s"]))
+    table.add_row("bare wall, median (s)", f"{bare_wall:.2f}")
+    table.add_row("federated wall, median (s)", f"{fed_wall:.2f}")
+    table.add_row("[bold]overhead ratio fed / bare[/]", f"[bold]{fed_wall / bare_wall:.3f}[/]")
+    table.add_row("overhead (s)", f"{fed_wall - bare_wall:+.2f}")
+    table.add_row("bare: outside sft_steps (s)", f"{figures['bare_outside_sft_s']:.3f}")
+    table.add_row("federated: outside sft_steps (s)", f"{figures['fed_outside_sft_s']:.3f}")
+    table.add_row("federated: client_session lookups (s)", f"{figures['fed_client_session_s']:.3f}")
+    table.add_row(
+        "federated: sessions rebuilt per round",
+        ", ".join(str(x) for x in figures["fed_sessions_rebuilt_per_round"]),
+    )
+    table.add_row(
+        "encode_all per client (s)", ", ".join(f"{encode_seconds[c]:.3f}" for c in clients)
+    )
+    table.add_row(
+        "same work (losses <= 1e-4, tokens equal)",
+        ("[green]yes[/]" if same_work else "[red]NO[/]") + f" (max diff {max_loss_diff:.2e})",
+    )
+    table.add_row("mean of bare adapters vs aggregate (max abs)", f"{aggregate_diff:.2e}")
+    console.print(table)
+
+    losses = Table(title="per-client train losses (bare run 1 vs federated run 1)")
+    for col in ("client", "bare step losses", "bare mean", "fed mean", "max |diff|", "tokens"):
+        losses.add_column(col, justify="right")
+    for r in loss_rows:
+        losses.add_row(
+            str(r["client"]),
+            " ".join(f"{x:.4f}" for x in r["bare_step_losses"]),
+            f"{r['bare_mean_loss']:.6f}",
+            f"{r['fed_mean_loss']:.6f}",
+            f"{r['max_abs_diff']:.1e}",
+            f"{r['tokens_bare']}/{r['tokens_fed']}",
+        )
+    console.print(losses)
+
+    thr = Table(
+        title=f"(b) training throughput (useful work 4 x {n_linear / 1e6:.1f} M linear params "
+        "x non-pad tokens)"
+    )
+    thr.add_column("figure")
+    thr.add_column("value", justify="right")
+    thr.add_row(
+        "non-pad tokens / padded tokens",
+        f"{tokens} / {padded} (padding {100 * (1 - tokens / padded):.1f}%)",
+    )
+    thr.add_row("matmul M (mean padded tokens per batch)", str(m))
+    thr.add_row("achieved (GFLOP/s)", f"{achieved:.1f}")
+    thr.add_row(f"peak {server.runtime.compute_dtype} matmul (GFLOP/s)", f"{peak_compute:.1f}")
+    if peak_autocast is not None:
+        thr.add_row("  same under autocast from fp32, casts included", f"{peak_autocast:.1f}")
+    thr.add_row("peak fp32 matmul (GFLOP/s, reference)", f"{peak_fp32:.1f}")
+    thr.add_row("[bold]achieved / peak[/]", f"[bold]{achieved / peak_compute:.3f}[/]")
+    thr.add_row("achieved / fp32 peak", f"{achieved / peak_fp32:.3f}")
+    console.print(thr)
+
+    shapes = Table(title=f"matmul GFLOP/s at the model's linear shapes (M={m}, fwd+bwd, best of 3)")
+    for col in ("layers", "in->out", "count", *(k for k in peak["weighted_gflops"])):
+        shapes.add_column(col, justify="right")
+    for r in peak["per_shape"]:
+        shapes.add_row(
+            r["layers"],
+            f"{r['in']}->{r['out']}",
+            str(r["count"]),
+            *(f"{r[f'{k}_gflops']:.1f}" for k in peak["weighted_gflops"]),
+        )
+    shapes.add_row("weighted", "", "", *(f"{v:.1f}" for v in peak["weighted_gflops"].values()))
+    console.print(shapes)
+    console.print(
+        f"total {total_elapsed():.0f} s (peak measurement {peak_elapsed():.0f} s); "
+        f"threads {torch.get_num_threads()}, load avg {machine()['load_avg_1m']:.2f}"
+    )
+
+    write_json(args.json, figures)
+    tmp.cleanup()
+    return 0 if same_work else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

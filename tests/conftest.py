@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny random model, small configs, no hub access, no progress bars."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["FEDSDR_PROGRESS"] = "0"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from fedsdr.config import RunConfig, load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(*overrides: str) -> RunConfig:
+    """configs/smoke.toml (tiny random model, bundled benchmark) with overrides."""
+    return load_config(ROOT / "configs" / "smoke.toml", list(overrides))
+
+
+@pytest.fixture
+def smoke_config() -> RunConfig:
+    return tiny_config()
