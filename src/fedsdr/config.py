@@ -147,6 +147,7 @@ class FedSDRConfig(_Section):
 
 
 class RunConfig(_Section):
+    extends: str = Field("", description="A config file this one builds on (path relative to this file).")
     name: str = Field("run", description="Label used in tables.")
     seed: int = 0
     out_dir: str = Field("", description="Default output folder (overridden by --out).")
@@ -204,21 +205,39 @@ def _format_error(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file, following `extends` (the file's own keys win)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    parent = data.pop("extends", "")
+    if parent:
+        parent_path = (path.parent / parent).resolve()
+        if parent_path in seen:
+            raise ConfigError(f"{path}: `extends` loops back to {parent_path}")
+        data = _merge(_read_toml(parent_path, (*seen, path.resolve())), data)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a TOML config (or defaults when path is None), apply overrides, validate."""
     data: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
-        path = Path(path)
         origin = str(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read the config file: {e}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        data = _read_toml(Path(path))
     apply_overrides(data, overrides or [])
     try:
         return RunConfig.model_validate(data)

@@ -175,7 +175,7 @@ def _accumulate(
     for batch in micro:
         loss_sum, _ = response_loss(model, collate(batch, pad_id), autocast)
         loss = loss_sum / max(1, n_targets)
-        total += float(loss)
+        total += float(loss.detach())
         (weight * loss).backward()
         stream.stats.tokens += sum(len(e.input_ids) for e in batch)
     stream.stats.target_tokens += n_targets

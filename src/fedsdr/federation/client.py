@@ -30,31 +30,37 @@ def _node_partition(context: Context) -> int:
     return int(context.node_config.get("partition-id", 0))
 
 
+def new_session(cfg: RunConfig, client_id: int, state_root: Path, node_config: dict[str, Any] | None = None
+                ) -> ClientSession:
+    """Build a client's session: the shared model, its private data, its own disk."""
+    algorithm = get_algorithm(cfg.federation.algorithm)
+    model, tokenizer, runtime, _ = shared_model(cfg.model, cfg.lora, algorithm.adapters(cfg), cfg.seed)
+    node = node_config or {}
+    if "data-path" in node:  # a deployed silo reads its own file
+        data = load_silo_data(str(node["data-path"]), client_id, cfg.data, cfg.seed)
+    else:
+        data = build_federated_data(cfg.data, cfg.partition, cfg.seed).clients[client_id]
+    cache = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
+    return ClientSession(
+        cfg=cfg, client_id=client_id, model=model, tokenizer=tokenizer, runtime=runtime, data=data,
+        state_dir=state_root / f"client-{client_id}", cache_dir=cache,
+    )
+
+
 def client_session(msg: Message, context: Context) -> tuple[ClientSession, Algorithm]:
-    """This node's session (model, private data, disk), built on first use and reused."""
+    """This node's session, built on first use and reused across rounds."""
     config = msg.content["config"]
     cfg_json = str(config["fedsdr-config"])
     cfg: RunConfig = config_from_json(cfg_json)
-    algorithm = get_algorithm(cfg.federation.algorithm)
     client_id = _node_partition(context)
     key = (hashlib.sha256(cfg_json.encode()).hexdigest(), client_id)
-    session = _SESSIONS.get(key)
-    if session is None:
-        model, tokenizer, runtime, _ = shared_model(cfg.model, cfg.lora, algorithm.adapters(cfg), cfg.seed)
-        node = context.node_config
-        if "data-path" in node:  # a deployed silo reads its own file
-            data = load_silo_data(str(node["data-path"]), client_id, cfg.data, cfg.seed)
-        else:
-            data = build_federated_data(cfg.data, cfg.partition, cfg.seed).clients[client_id]
+    if key not in _SESSIONS:
+        node = dict(context.node_config)
         state_root = Path(str(node.get("state-dir") or config.get("client-state-root") or "fedsdr-client"))
-        cache = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
-        session = ClientSession(
-            cfg=cfg, client_id=client_id, model=model, tokenizer=tokenizer, runtime=runtime, data=data,
-            state_dir=state_root / f"client-{client_id}", cache_dir=cache,
-        )
-        _SESSIONS.clear()  # one run at a time per process
-        _SESSIONS[key] = session
-    return session, algorithm
+        if len(_SESSIONS) >= 64 or any(k[0] != key[0] for k in _SESSIONS):
+            _SESSIONS.clear()  # one run at a time per process
+        _SESSIONS[key] = new_session(cfg, client_id, state_root, node)
+    return _SESSIONS[key], get_algorithm(cfg.federation.algorithm)
 
 
 def _local_state(context: Context) -> dict[str, Any]:

@@ -1,0 +1,76 @@
+"""`fedsdr export`: a run's adapters as standard PEFT folders (and optionally a merged model).
+
+    OUT/<global adapter>/   the global adapter ("default"; FedSDR: "rectify" = LoRA-R)
+    OUT/smooth/             FedSDR with --client K: that client's LoRA-S
+    OUT/merged/             with --merge: base + adapters merged, a plain transformers model
+
+Load with plain PEFT:
+    model = PeftModel.from_pretrained(base, "OUT/rectify", adapter_name="rectify")
+    model.load_adapter("OUT/smooth", adapter_name="smooth")
+    model.base_model.set_adapter(["rectify", "smooth"])   # personalized: W0 + S_k + R
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from fedsdr.algorithms import get_algorithm
+from fedsdr.io import atomic_dir
+from fedsdr.runs import RunDir
+
+
+def _copy_adapter(src: Path, dst: Path) -> None:
+    with atomic_dir(dst) as tmp:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(src / name, tmp / name)
+
+
+def find_smooth(run: RunDir, client: int, server_round: int) -> Path:
+    """The client's LoRA-S as it was after `server_round` (its last participation up to then)."""
+    for r in range(server_round, 0, -1):
+        folder = run.client_dir(client) / "smooth" / f"round-{r:03d}"
+        if (folder / "adapter_model.safetensors").exists():
+            return folder
+    raise FileNotFoundError(f"{run.client_dir(client)}: no LoRA-S saved up to round {server_round}")
+
+
+def export_run(run_dir: Path, out: Path, server_round: int | None = None, client: int | None = None,
+               merge: bool = False) -> Path:
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    server_round = server_round or run.last_checkpoint()
+    checkpoint = run.checkpoint_dir(server_round)
+    if not (checkpoint / "adapter_model.safetensors").exists():
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint for round {server_round}")
+    specs = get_algorithm(cfg.federation.algorithm).adapters(cfg)
+    folders = {specs[0].name: checkpoint}
+    if client is not None:
+        if len(specs) < 2:
+            raise ValueError(f"--client: {cfg.federation.algorithm} has no local adapter; only FedSDR does")
+        folders[specs[1].name] = find_smooth(run, client, server_round)
+    out = Path(out)
+    for name, src in folders.items():
+        _copy_adapter(src, out / name)
+    if merge:
+        merge_adapters(cfg.model, out, list(folders))
+    return out
+
+
+def merge_adapters(model_cfg, out: Path, names: list[str]) -> None:  # noqa: ANN001
+    """Write OUT/merged: the base model with the exported adapters added into its weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedsdr.models.loading import load_tokenizer, resolve_model_source
+
+    source = resolve_model_source(model_cfg)
+    base = AutoModelForCausalLM.from_pretrained(source)
+    model = PeftModel.from_pretrained(base, str(out / names[0]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(out / name), adapter_name=name)
+    model.base_model.set_adapter(names if len(names) > 1 else names[0])
+    merged = model.merge_and_unload()
+    with atomic_dir(out / "merged") as tmp:
+        merged.save_pretrained(str(tmp))
+        load_tokenizer(source).save_pretrained(str(tmp))
