@@ -217,6 +217,19 @@ def sft_steps(
     return stream.stats
 
 
+def stream_step(
+    model: torch.nn.Module, stream: Stream, other: Stream, cfg: TrainConfig, lr: float, *, pad_id: int,
+    autocast: Callable,
+) -> float:
+    """One optimizer step of `stream` with both adapters in the forward pass; `other`'s
+    adapter is frozen for it, so this batch's loss changes only this stream's adapter."""
+    with _frozen(other.params):
+        loss = _accumulate(model, stream, cfg, pad_id, autocast)
+    _apply(stream, cfg, lr)
+    stream.stats.losses.append(loss)
+    return loss
+
+
 def dual_stream_steps(
     model: torch.nn.Module, smooth: Stream, rectify: Stream, cfg: TrainConfig, *, schedule: str, steps: int,
     first_step: int, total_steps: int, pad_id: int, autocast: Callable, joint_lambda: float = 1.0,
@@ -234,11 +247,7 @@ def dual_stream_steps(
     start = time.perf_counter()
 
     def step_one(stream: Stream, other: Stream, lr: float) -> float:
-        with _frozen(other.params):  # this stream's loss must not reach the other adapter
-            loss = _accumulate(model, stream, cfg, pad_id, autocast)
-        _apply(stream, cfg, lr)
-        stream.stats.losses.append(loss)
-        return loss
+        return stream_step(model, stream, other, cfg, lr, pad_id=pad_id, autocast=autocast)
 
     if schedule == "alternate":
         for step in range(steps):
