@@ -23,6 +23,8 @@ from fedsdr.models.loading import shared_model
 
 client_app = ClientApp()
 
+# (run config + client disk, client id) -> session: virtual clients keep their model and data
+# across rounds within a process.
 _SESSIONS: dict[tuple[str, int], ClientSession] = {}
 
 
@@ -53,10 +55,10 @@ def client_session(msg: Message, context: Context) -> tuple[ClientSession, Algor
     cfg_json = str(config["fedsdr-config"])
     cfg: RunConfig = config_from_json(cfg_json)
     client_id = _node_partition(context)
-    key = (hashlib.sha256(cfg_json.encode()).hexdigest(), client_id)
+    node = dict(context.node_config)
+    state_root = Path(str(node.get("state-dir") or config.get("client-state-root") or "fedsdr-client"))
+    key = (hashlib.sha256(f"{cfg_json}\n{state_root}".encode()).hexdigest(), client_id)
     if key not in _SESSIONS:
-        node = dict(context.node_config)
-        state_root = Path(str(node.get("state-dir") or config.get("client-state-root") or "fedsdr-client"))
         if len(_SESSIONS) >= 64 or any(k[0] != key[0] for k in _SESSIONS):
             _SESSIONS.clear()  # one run at a time per process
         _SESSIONS[key] = new_session(cfg, client_id, state_root, node)

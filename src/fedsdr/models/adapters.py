@@ -119,7 +119,8 @@ def from_arrayrecord(record: ArrayRecord) -> AdapterState:
 
 
 def arrayrecord_nbytes(record: ArrayRecord) -> int:
-    return int(sum(len(a.data) for a in record.values()))
+    """Tensor bytes carried by a record (the payload, without serialisation headers)."""
+    return int(sum(np.prod(a.shape, dtype=np.int64) * np.dtype(a.dtype).itemsize for a in record.values()))
 
 
 def save_peft_adapter(
