@@ -47,6 +47,14 @@ def load(args: argparse.Namespace) -> Any:
     return load_config(args.config, args.overrides)
 
 
+def console() -> Any:
+    """A rich console that does not squeeze tables when the output is a file or a pipe."""
+    from rich.console import Console
+
+    plain = Console()
+    return plain if plain.is_terminal else Console(width=120)
+
+
 def machine() -> dict[str, Any]:
     import torch
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load, machine, parser, stopwatch, write_json  # noqa: E402
+from _common import console, load, machine, parser, stopwatch, write_json  # noqa: E402
 
 
 def pick_records(cfg: Any, n: int) -> list[Any]:
@@ -115,13 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load(args)
 
     import torch
-    from rich.console import Console
     from rich.table import Table
 
     from fedsdr.algorithms import get_algorithm
     from fedsdr.models.loading import shared_model
 
-    console = Console()
+    out = console()
     with stopwatch() as total_elapsed:
         dcfg = cfg.distill.model_copy(deep=True)
         sampling_was_on = dcfg.do_sample
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         records = pick_records(cfg, args.records)
         refs = tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]
         budgets = [dcfg.budget(len(x)) for x in refs]
-        console.print(
+        out.print(
             f"[bold]bench_rewrite[/]: model {cfg.model.name}, {len(records)} records, "
             f"budgets {min(budgets)}-{max(budgets)} (sum {sum(budgets)}), "
             f"engine batch {dcfg.batch_size}, compute {runtime.compute_dtype}, "
@@ -146,15 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                 warm = dcfg.model_copy(update={"min_new_tokens": 1, "max_new_tokens": 4})
                 run_engine(model, tokenizer, records[:2], warm, cfg.seed)
                 loop_generate(model, tokenizer, records[:1], warm)
-            console.print(f"warm-up {warm_elapsed():.1f} s")
+            out.print(f"warm-up {warm_elapsed():.1f} s")
             engine = run_engine(model, tokenizer, records, dcfg, cfg.seed)
             stats = engine["stats"]
-            console.print(
+            out.print(
                 f"  engine: {stats.new_tokens} tokens in {stats.seconds:.1f} s "
                 f"({stats.calls} generate calls)"
             )
             texts, counts, finished, loop_seconds = loop_generate(model, tokenizer, records, dcfg)
-            console.print(f"  loop: {sum(counts)} tokens in {loop_seconds:.1f} s")
+            out.print(f"  loop: {sum(counts)} tokens in {loop_seconds:.1f} s")
 
     rows = engine["rows"]
     same = [r.rewrite == t for r, t in zip(rows, texts, strict=True)]
@@ -231,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for domain, v in sorted(by_domain.items()):
         table.add_row(f"  {domain}", "", "", f"{sum(v)}/{len(v)}")
-    console.print(table)
-    console.print(
+    out.print(table)
+    out.print(
         f"total {total_elapsed():.0f} s; threads {torch.get_num_threads()}, "
         f"load avg {machine()['load_avg_1m']:.2f}"
     )

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load, machine, median, parser, stopwatch, write_json  # noqa: E402
+from _common import console, load, machine, median, parser, stopwatch, write_json  # noqa: E402
 
 
 def bare_round(ctx: dict[str, Any], clients: list[int], steps: int) -> dict[str, Any]:
@@ -302,7 +302,6 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     import torch
-    from rich.console import Console
     from rich.table import Table
 
     from fedsdr.data.federated import build_federated_data
@@ -313,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedsdr.runs import RunDir
     from fedsdr.train import encode_all
 
-    console = Console()
+    out = console()
     with stopwatch() as total_elapsed:
         tmp = tempfile.TemporaryDirectory(prefix="bench-round-")
         run = RunDir(Path(tmp.name) / "run")
@@ -347,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             encode_seconds[cid] = elapsed()
         steps = cfg.train.local_steps
-        console.print(
+        out.print(
             f"[bold]bench_round[/]: {cfg.name}, model {cfg.model.name}, clients {clients}, "
             f"{steps} local steps x batch {cfg.train.batch_size}, "
             f"compute {server.runtime.compute_dtype}, threads {torch.get_num_threads()}, "
@@ -366,15 +365,15 @@ def main(argv: list[str] | None = None) -> int:
             for msg in messages:
                 session, _ = ctx["client_session"](msg, grid.contexts[msg.metadata.dst_node_id])
                 session.raw_examples()
-        console.print(f"warm-up {warm_elapsed():.1f} s")
+        out.print(f"warm-up {warm_elapsed():.1f} s")
 
         # measure: bare, fed, bare, fed ---------------------------------------------------
         bare_runs, fed_runs = [], []
         for rep in range(args.repeats):
             bare_runs.append(bare_round(ctx, clients, steps))
-            console.print(f"  bare #{rep + 1}: {bare_runs[-1]['wall']:.2f} s")
+            out.print(f"  bare #{rep + 1}: {bare_runs[-1]['wall']:.2f} s")
             fed_runs.append(fed_round(ctx, server))
-            console.print(f"  federated #{rep + 1}: {fed_runs[-1]['wall']:.2f} s")
+            out.print(f"  federated #{rep + 1}: {fed_runs[-1]['wall']:.2f} s")
 
         # same work? ----------------------------------------------------------------------
         loss_rows, max_loss_diff = [], 0.0
@@ -488,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         ("[green]yes[/]" if same_work else "[red]NO[/]") + f" (max diff {max_loss_diff:.2e})",
     )
     table.add_row("mean of bare adapters vs aggregate (max abs)", f"{aggregate_diff:.2e}")
-    console.print(table)
+    out.print(table)
 
     losses = Table(title="per-client train losses (bare run 1 vs federated run 1)")
     for col in ("client", "bare step losses", "bare mean", "fed mean", "max |diff|", "tokens"):
@@ -502,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['max_abs_diff']:.1e}",
             f"{r['tokens_bare']}/{r['tokens_fed']}",
         )
-    console.print(losses)
+    out.print(losses)
 
     thr = Table(
         title=f"(b) training throughput (useful work 4 x {n_linear / 1e6:.1f} M linear params "
@@ -522,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     thr.add_row("peak fp32 matmul (GFLOP/s, reference)", f"{peak_fp32:.1f}")
     thr.add_row("[bold]achieved / peak[/]", f"[bold]{achieved / peak_compute:.3f}[/]")
     thr.add_row("achieved / fp32 peak", f"{achieved / peak_fp32:.3f}")
-    console.print(thr)
+    out.print(thr)
 
     shapes = Table(title=f"matmul GFLOP/s at the model's linear shapes (M={m}, fwd+bwd, best of 3)")
     for col in ("layers", "in->out", "count", *(k for k in peak["weighted_gflops"])):
@@ -535,8 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             *(f"{r[f'{k}_gflops']:.1f}" for k in peak["weighted_gflops"]),
         )
     shapes.add_row("weighted", "", "", *(f"{v:.1f}" for v in peak["weighted_gflops"].values()))
-    console.print(shapes)
-    console.print(
+    out.print(shapes)
+    out.print(
         f"total {total_elapsed():.0f} s (peak measurement {peak_elapsed():.0f} s); "
         f"threads {torch.get_num_threads()}, load avg {machine()['load_avg_1m']:.2f}"
     )
