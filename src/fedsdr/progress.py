@@ -22,9 +22,9 @@ _active: Progress | None = None
 
 
 def enabled() -> bool:
-    return os.environ.get("FEDSDR_PROGRESS", "1") != "0" and sys.stdout.isatty() or os.environ.get(
-        "FEDSDR_PROGRESS"
-    ) == "1"
+    """Bars on a terminal; FEDSDR_PROGRESS=1 forces them on, =0 off."""
+    setting = os.environ.get("FEDSDR_PROGRESS", "")
+    return setting == "1" or (setting != "0" and sys.stdout.isatty())
 
 
 @contextmanager
