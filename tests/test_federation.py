@@ -175,3 +175,15 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["run", "--config", config, "--out", str(out), "--set", "federation.rounds=1"]) == 0
     assert main(["run", "--config", config, "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_ray_engine_gives_the_same_adapter_as_inprocess(tmp_path: Path) -> None:
+    config = str(ROOT / "configs/smoke.toml")
+    for engine in ("inprocess", "ray"):
+        args = ["run", "--config", config, "--out", str(tmp_path / engine), "--set", "federation.rounds=1",
+                "--set", f"federation.engine={engine}"]
+        assert main(args) == 0
+    a = load_adapter_file(tmp_path / "inprocess/checkpoints/round-001")
+    b = load_adapter_file(tmp_path / "ray/checkpoints/round-001")
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7)

@@ -13,6 +13,7 @@ import torch
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Strategy
 
+from fedsdr import progress
 from fedsdr.algorithms.base import (
     Algorithm,
     ClientSession,
@@ -59,11 +60,13 @@ class FedAvg(Algorithm):
         )
         torch.manual_seed(derive_seed(cfg.seed, "dropout", server_round, session.client_id))
         steps = cfg.train.local_steps
-        stats = sft_steps(
-            model, stream, cfg.train, steps=steps, first_step=(server_round - 1) * steps,
-            total_steps=cfg.federation.rounds * steps, pad_id=session.tokenizer.pad_token_id,
-            autocast=session.runtime.autocast, proximal_mu=self.proximal_mu(config),
-        )
+        with progress.task(f"client {session.client_id}: local steps", steps) as advance:
+            stats = sft_steps(
+                model, stream, cfg.train, steps=steps, first_step=(server_round - 1) * steps,
+                total_steps=cfg.federation.rounds * steps, pad_id=session.tokenizer.pad_token_id,
+                autocast=session.runtime.autocast, proximal_mu=self.proximal_mu(config),
+                on_step=lambda step, loss: advance(1),
+            )
         metrics.update(train_loss=stats.mean_loss, steps=float(steps), tokens=float(stats.tokens),
                        seconds=stats.seconds, dropped_too_long=float(dropped))
         return TrainResult(get_adapter_state(model, adapter), len(examples), metrics)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from flwr.serverapp.strategy import Strategy
 
+from fedsdr import progress
 from fedsdr.algorithms.base import Algorithm, ClientSession, TrainResult, derive_seed
 from fedsdr.algorithms.fedsd import distill_metrics, distilled_training_records
 from fedsdr.config import RunConfig
@@ -96,12 +97,13 @@ class FedSDR(Algorithm):
         rectify = make_stream(raw_examples, adapter_parameters(model, RECTIFY), cfg.train, seed("rectify"))
         torch.manual_seed(seed("dropout"))
         steps = cfg.train.local_steps
-        smooth_stats, rectify_stats = dual_stream_steps(
-            model, smooth, rectify, cfg.train, schedule=cfg.fedsdr.schedule, steps=steps,
-            first_step=(server_round - 1) * steps, total_steps=cfg.federation.rounds * steps,
-            pad_id=session.tokenizer.pad_token_id, autocast=session.runtime.autocast,
-            joint_lambda=cfg.fedsdr.joint_lambda,
-        )
+        with progress.task(f"client {session.client_id}: local steps (S+R)", steps) as advance:
+            smooth_stats, rectify_stats = dual_stream_steps(
+                model, smooth, rectify, cfg.train, schedule=cfg.fedsdr.schedule, steps=steps,
+                first_step=(server_round - 1) * steps, total_steps=cfg.federation.rounds * steps,
+                pad_id=session.tokenizer.pad_token_id, autocast=session.runtime.autocast,
+                joint_lambda=cfg.fedsdr.joint_lambda, on_step=lambda step, loss: advance(1),
+            )
         activate(model, [RECTIFY, SMOOTH], trainable=[])
         client_state[SMOOTH] = get_adapter_state(model, SMOOTH)  # stays on the client
         save_peft_adapter(smooth_dir(session, server_round), client_state[SMOOTH], self.adapters(cfg)[1],

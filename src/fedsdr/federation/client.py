@@ -17,6 +17,7 @@ from fedsdr.algorithms import Algorithm, ClientSession, get_algorithm
 from fedsdr.config import RunConfig, config_from_json
 from fedsdr.data.federated import build_federated_data, load_silo_data
 from fedsdr.evaluate import evaluate_records, flatten
+from fedsdr.logs import quiet_libraries
 from fedsdr.models.adapters import activate, from_arrayrecord, set_adapter_state, to_arrayrecord
 from fedsdr.models.bundled import default_cache_dir
 from fedsdr.models.loading import shared_model
@@ -35,6 +36,7 @@ def _node_partition(context: Context) -> int:
 def new_session(cfg: RunConfig, client_id: int, state_root: Path, node_config: dict[str, Any] | None = None
                 ) -> ClientSession:
     """Build a client's session: the shared model, its private data, its own disk."""
+    quiet_libraries()  # also in Ray actors and SuperNode processes
     algorithm = get_algorithm(cfg.federation.algorithm)
     model, tokenizer, runtime, _ = shared_model(cfg.model, cfg.lora, algorithm.adapters(cfg), cfg.seed)
     node = node_config or {}

@@ -8,7 +8,6 @@ clients. No Ray, no SuperLink, ~1 s to start.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -20,7 +19,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedsdr import progress
 from fedsdr.config import RunConfig
+from fedsdr.logs import quiet_libraries
 from fedsdr.runs import RunDir
 
 SERVER_NODE_ID = 1
@@ -74,37 +75,22 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        message_ids = list(message_ids)
         replies = []
-        for mid in message_ids:
-            msg = self._inbox.pop(mid)
-            self.sent.append(msg)
-            reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
-            reply.metadata.__dict__["_message_id"] = str(uuid4())
-            self.received.append(reply)
-            replies.append(reply)
+        with progress.task("clients", len(message_ids)) as advance:
+            for mid in message_ids:
+                msg = self._inbox.pop(mid)
+                self.sent.append(msg)
+                reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+                reply.metadata.__dict__["_message_id"] = str(uuid4())
+                self.received.append(reply)
+                replies.append(reply)
+                advance(1)
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         # Clients run one after the other in this process, in the order they were sampled.
         return self.pull_messages(self.push_messages(messages))
-
-
-def quiet_libraries() -> None:
-    for key, value in {
-        "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "TOKENIZERS_PARALLELISM": "false",
-    }.items():
-        os.environ.setdefault(key, value)
-    import logging
-    import warnings
-
-    import transformers
-
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    warnings.filterwarnings("ignore", message="Classes: .* will NOT be used", category=UserWarning)
 
 
 def run_inprocess(cfg: RunConfig, run: RunDir, resume: bool = False, grid: InProcessGrid | None = None) -> dict:
