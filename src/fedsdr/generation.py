@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 Messages = list[dict[str, str]]
 
@@ -104,7 +105,9 @@ def generate_detailed(
         for p in prompts
     ]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    order = sorted(range(n), key=lambda i: (len(ids[i]), budgets[i]))
+    # Group rows with similar budgets (which follow the reference lengths) and prompt lengths:
+    # a batch runs until its longest row is done, so alike rows waste fewer decode slots.
+    order = sorted(range(n), key=lambda i: (budgets[i], len(ids[i])))
     device = next(model.parameters()).device
     results: list[Generation | None] = [None] * n
     was_training = model.training
@@ -136,6 +139,9 @@ def generate_detailed(
                         eos_token_id=eos_id,
                         pad_token_id=pad_id,
                         use_cache=True,
+                        stopping_criteria=StoppingCriteriaList(
+                            [_RowBudget([budgets[i] for i in idx], input_ids.shape[1])]
+                        ),
                         **kwargs,
                     )
                 calls += 1
@@ -154,6 +160,19 @@ def generate_detailed(
         stats.new_tokens += new_tokens
         stats.seconds += time.perf_counter() - start
     return [r for r in results if r is not None]
+
+
+class _RowBudget(StoppingCriteria):
+    """Marks each row done once it has used its own token budget, so a batch stops as soon as
+    every row has reached eos or its budget (not the largest budget of the batch)."""
+
+    def __init__(self, budgets: list[int], prompt_len: int) -> None:
+        self.budgets = torch.tensor(budgets)
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        used = input_ids.shape[1] - self.prompt_len
+        return (used >= self.budgets).to(input_ids.device)
 
 
 def _finish_row(tokenizer: Any, row: list[int], eos_id: int) -> Generation:
