@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache
 
 Messages = list[dict[str, str]]
 
@@ -97,7 +97,6 @@ def generate_detailed(
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("the tokenizer has no eos_token_id: generation could not stop")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
 
     start = time.perf_counter()
     texts = [
@@ -126,26 +125,12 @@ def generate_detailed(
                 )
                 input_ids = batch["input_ids"].to(device)
                 attention_mask = batch["attention_mask"].to(device)
-                limit = max(budgets[i] for i in idx)
-                kwargs: dict[str, Any] = {"do_sample": do_sample}
-                if do_sample:
-                    kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-                with torch.random.fork_rng(devices=_cuda_devices(device)):
-                    torch.manual_seed(seed + b)
-                    out = model.generate(
-                        input_ids=input_ids,
-                        attention_mask=attention_mask,
-                        max_new_tokens=limit,
-                        eos_token_id=eos_id,
-                        pad_token_id=pad_id,
-                        use_cache=True,
-                        stopping_criteria=StoppingCriteriaList(
-                            [_RowBudget([budgets[i] for i in idx], input_ids.shape[1])]
-                        ),
-                        **kwargs,
-                    )
+                generator = torch.Generator(device=device).manual_seed(seed + b)
+                new = _decode_batch(
+                    model, input_ids, attention_mask, [budgets[i] for i in idx], eos_id,
+                    do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator,
+                )
                 calls += 1
-                new = out[:, input_ids.shape[1] :].tolist()
                 for row, i in zip(new, idx, strict=True):
                     result = _finish_row(tokenizer, row[: budgets[i]], eos_id)
                     results[i] = result
@@ -162,17 +147,52 @@ def generate_detailed(
     return [r for r in results if r is not None]
 
 
-class _RowBudget(StoppingCriteria):
-    """Marks each row done once it has used its own token budget, so a batch stops as soon as
-    every row has reached eos or its budget (not the largest budget of the batch)."""
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+          generator: torch.Generator) -> torch.Tensor:
+    """Next token per row: argmax, or a seeded draw after temperature and nucleus (top-p)."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-    def __init__(self, budgets: list[int], prompt_len: int) -> None:
-        self.budgets = torch.tensor(budgets)
-        self.prompt_len = prompt_len
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        used = input_ids.shape[1] - self.prompt_len
-        return (used >= self.budgets).to(input_ids.device)
+def _decode_batch(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, budgets: list[int], eos_id: int, *,
+    do_sample: bool, temperature: float, top_p: float, generator: torch.Generator,
+) -> list[list[int]]:
+    """Decode a left-padded batch with a KV cache; a row leaves the batch (and its cache) as
+    soon as it emits eos or uses its own budget, so finished rows cost nothing afterwards.
+    Returns each row's new tokens (ending with eos when it finished)."""
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+    next_pos = positions[:, -1] + 1
+    live = list(range(input_ids.shape[0]))  # batch row -> original row
+    out: list[list[int]] = [[] for _ in live]
+    while True:
+        tokens = _pick(logits.float(), do_sample, temperature, top_p, generator)
+        keep = []
+        for j, (row, token) in enumerate(zip(live, tokens.tolist(), strict=True)):
+            out[row].append(token)
+            if token != eos_id and len(out[row]) < budgets[row]:
+                keep.append(j)
+        if not keep:
+            return out
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=input_ids.device)
+            cache.batch_select_indices(index)
+            attention_mask, tokens, next_pos = attention_mask[index], tokens[index], next_pos[index]
+            live = [live[j] for j in keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), 1))], dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_pos[:, None],
+                       cache=cache, use_cache=True).logits[:, -1, :]
+        next_pos = next_pos + 1
 
 
 def _finish_row(tokenizer: Any, row: list[int], eos_id: int) -> Generation:
@@ -197,12 +217,6 @@ def _budgets(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
     if any(x < 1 for x in budgets):
         raise ValueError("max_new_tokens must be >= 1")
     return budgets
-
-
-def _cuda_devices(device: torch.device) -> list[int]:
-    if device.type == "cuda":
-        return [device.index if device.index is not None else torch.cuda.current_device()]
-    return []
 
 
 def _progress_bar(description: str | None, total: int):  # noqa: ANN202
