@@ -141,12 +141,14 @@ def test_seeded_sampling_is_reproducible(model, tok) -> None:
 def test_stats_count_calls_and_tokens(model, tok) -> None:
     stats = GenerationStats()
     out = generate_detailed(model, tok, PROMPTS[:10], max_new_tokens=9, batch_size=4, stats=stats)
-    assert stats.calls == 3
+    # calls = prefills: the first 4 rows, then refills whenever half of the 4 slots are free
+    assert 3 <= stats.calls <= 5
     assert stats.records == 10
     assert stats.new_tokens == sum(g.num_tokens for g in out)
     assert stats.seconds > 0 and stats.tokens_per_second > 0
+    calls = stats.calls
     generate(model, tok, PROMPTS[:3], max_new_tokens=4, batch_size=16, stats=stats)
-    assert stats.calls == 4 and stats.records == 13
+    assert stats.calls == calls + 1 and stats.records == 13
 
 
 def test_state_restored_and_progress(model, tok) -> None:

@@ -9,7 +9,7 @@ its own budget, so batched greedy outputs equal one-at-a-time greedy outputs.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,40 +104,27 @@ def generate_detailed(
         for p in prompts
     ]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    # Group rows with similar budgets (which follow the reference lengths) and prompt lengths:
-    # a batch runs until its longest row is done, so alike rows waste fewer decode slots.
+    # Rows with similar budgets (which follow the reference lengths) and prompts run together.
     order = sorted(range(n), key=lambda i: (budgets[i], len(ids[i])))
     device = next(model.parameters()).device
     results: list[Generation | None] = [None] * n
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     was_training = model.training
     model.eval()
-    calls = new_tokens = 0
     try:
         with _progress_bar(progress, n) as advance, torch.inference_mode():
-            for b, lo in enumerate(range(0, n, batch_size)):
-                idx = order[lo : lo + batch_size]
-                batch = tokenizer.pad(
-                    {"input_ids": [ids[i] for i in idx]},
-                    padding=True,
-                    padding_side="left",
-                    return_tensors="pt",
-                    return_attention_mask=True,
-                )
-                input_ids = batch["input_ids"].to(device)
-                attention_mask = batch["attention_mask"].to(device)
-                generator = torch.Generator(device=device).manual_seed(seed + b)
-                new = _decode_batch(
-                    model, input_ids, attention_mask, [budgets[i] for i in idx], eos_id,
-                    do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator,
-                )
-                calls += 1
-                for row, i in zip(new, idx, strict=True):
-                    result = _finish_row(tokenizer, row[: budgets[i]], eos_id)
-                    results[i] = result
-                    new_tokens += result.num_tokens
-                advance(len(idx))
+
+            def done(i: int, tokens: list[int]) -> None:
+                results[i] = _finish_row(tokenizer, tokens[: budgets[i]], eos_id)
+                advance(1)
+
+            decoder = _Decoder(model, device, eos_id, pad_id, do_sample, temperature, top_p,
+                               torch.Generator(device=device).manual_seed(seed))
+            decoder.run([(i, ids[i], budgets[i]) for i in order], batch_size, done)
+            calls = decoder.prefills
     finally:
         model.train(was_training)
+    new_tokens = sum(r.num_tokens for r in results if r is not None)
     if stats is not None:
         stats.calls += calls
         stats.records += n
@@ -161,38 +148,110 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _decode_batch(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, budgets: list[int], eos_id: int, *,
-    do_sample: bool, temperature: float, top_p: float, generator: torch.Generator,
-) -> list[list[int]]:
-    """Decode a left-padded batch with a KV cache; a row leaves the batch (and its cache) as
-    soon as it emits eos or uses its own budget, so finished rows cost nothing afterwards.
-    Returns each row's new tokens (ending with eos when it finished)."""
-    cache = DynamicCache(config=model.config)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-    next_pos = positions[:, -1] + 1
-    live = list(range(input_ids.shape[0]))  # batch row -> original row
-    out: list[list[int]] = [[] for _ in live]
-    while True:
-        tokens = _pick(logits.float(), do_sample, temperature, top_p, generator)
-        keep = []
-        for j, (row, token) in enumerate(zip(live, tokens.tolist(), strict=True)):
-            out[row].append(token)
-            if token != eos_id and len(out[row]) < budgets[row]:
-                keep.append(j)
-        if not keep:
-            return out
-        if len(keep) < len(live):
-            index = torch.tensor(keep, device=input_ids.device)
-            cache.batch_select_indices(index)
-            attention_mask, tokens, next_pos = attention_mask[index], tokens[index], next_pos[index]
-            live = [live[j] for j in keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), 1))], dim=1)
-        logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_pos[:, None],
-                       cache=cache, use_cache=True).logits[:, -1, :]
-        next_pos = next_pos + 1
+class _Decoder:
+    """Greedy/sampled decoding with a KV cache and continuous batching: a row leaves the batch
+    (and the cache) as soon as it emits eos or uses its own budget, and waiting prompts are
+    prefilled into the freed slots, their cache left-padded to the batch's length. Positions
+    are tracked per row, so left padding never shifts a row's positions."""
+
+    def __init__(self, model: Any, device: torch.device, eos_id: int, pad_id: int, do_sample: bool,
+                 temperature: float, top_p: float, generator: torch.Generator) -> None:
+        self.model, self.device, self.eos_id, self.pad_id = model, device, eos_id, pad_id
+        self.pick = lambda logits: _pick(logits.float(), do_sample, temperature, top_p, generator)
+        self.prefills = 0
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def _prefill(self, rows: list[tuple[int, list[int], int]]):  # noqa: ANN202
+        width = max(len(ids) for _, ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, (_, ids, _) in enumerate(rows):
+            input_ids[j, width - len(ids):] = torch.tensor(ids)
+            mask[j, width - len(ids):] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(input_ids, mask, positions, cache)
+        self.prefills += 1
+        return cache, mask, positions[:, -1] + 1, logits
+
+    def run(self, queue: list[tuple[int, list[int], int]], batch_size: int,
+            done: Callable[[int, list[int]], None]) -> None:
+        queue = list(queue)
+        live: list[tuple[int, int]] = []  # (row id, budget)
+        out: dict[int, list[int]] = {}
+        cache = mask = next_pos = logits = None
+        while queue or live:
+            # Refill once half the slots are free: one prefill serves several new rows.
+            if queue and len(live) <= batch_size // 2:
+                take, queue = queue[: batch_size - len(live)], queue[batch_size - len(live):]
+                new_cache, new_mask, new_pos, new_logits = self._prefill(take)
+                live_new = [(i, budget) for i, _, budget in take]
+                if live:
+                    cache, mask = _merge(cache, mask, new_cache, new_mask)
+                    next_pos = torch.cat([next_pos, new_pos])
+                    logits = torch.cat([logits, new_logits])
+                    live = live + live_new
+                else:
+                    cache, mask, next_pos, logits, live = new_cache, new_mask, new_pos, new_logits, live_new
+            tokens = self.pick(logits)
+            keep = []
+            for j, ((row, budget), token) in enumerate(zip(live, tokens.tolist(), strict=True)):
+                out.setdefault(row, []).append(token)
+                if token == self.eos_id or len(out[row]) >= budget:
+                    done(row, out.pop(row))
+                else:
+                    keep.append(j)
+            if len(keep) < len(live):
+                if not keep:
+                    live = []
+                    continue
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, tokens, next_pos = mask[index], tokens[index], next_pos[index]
+                live = [live[j] for j in keep]
+                mask, cache = _trim_left(mask, cache)
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            out_logits = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                                    cache=cache, use_cache=True)
+            logits = out_logits.logits[:, -1, :]
+            next_pos = next_pos + 1
+
+
+def _merge(cache_a: DynamicCache, mask_a: torch.Tensor, cache_b: DynamicCache, mask_b: torch.Tensor):  # noqa: ANN202
+    """Stack two caches on the batch axis, left-padding the shorter one (masked out)."""
+    width = max(mask_a.shape[1], mask_b.shape[1])
+
+    def pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+        if n == 0:
+            return t
+        shape = list(t.shape)
+        shape[dim] = n
+        return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+    for layer_a, layer_b in zip(cache_a.layers, cache_b.layers, strict=True):
+        na, nb = width - layer_a.keys.shape[-2], width - layer_b.keys.shape[-2]
+        layer_a.keys = torch.cat([pad(layer_a.keys, na, -2), pad(layer_b.keys, nb, -2)])
+        layer_a.values = torch.cat([pad(layer_a.values, na, -2), pad(layer_b.values, nb, -2)])
+    mask = torch.cat([pad(mask_a, width - mask_a.shape[1], 1), pad(mask_b, width - mask_b.shape[1], 1)])
+    return cache_a, mask
+
+
+def _trim_left(mask: torch.Tensor, cache: DynamicCache):  # noqa: ANN202
+    """Drop leading columns that no remaining row attends to."""
+    used = mask.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else 0
+    if start == 0:
+        return mask, cache
+    for layer in cache.layers:
+        layer.keys = layer.keys[..., start:, :]
+        layer.values = layer.values[..., start:, :]
+    return mask[:, start:], cache
 
 
 def _finish_row(tokenizer: Any, row: list[int], eos_id: int) -> Generation:
