@@ -110,7 +110,7 @@ def run_engine(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed: 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--records", type=int, default=32, help="records to rewrite (default 32)")
+    p.add_argument("--records", type=int, default=64, help="records to rewrite (default 64, about one client)")
     args = p.parse_args(argv)
     cfg = load(args)
 

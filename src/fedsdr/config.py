@@ -131,7 +131,7 @@ class FederationConfig(_Section):
 class EvalConfig(_Section):
     generate: bool = Field(True, description="Generate and score answers (False: reference loss only).")
     max_new_tokens: int = Field(128, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1, description="Rows decoded together (continuous batching).")
     code_timeout: float = Field(5.0, gt=0, description="Seconds per code test run.")
     clients: bool = Field(True, description="Evaluate the global model on every client's test split.")
 

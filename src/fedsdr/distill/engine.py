@@ -40,7 +40,7 @@ class DistillConfig(BaseModel):
     )
     min_new_tokens: int = Field(32, ge=1, description="Lower clamp of the token budget.")
     max_new_tokens: int = Field(256, ge=1, description="Upper clamp of the token budget.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generate call.")
+    batch_size: int = Field(32, ge=1, description="Rows decoded together (continuous batching).")
     template: RewriteTemplate = Field(
         default_factory=RewriteTemplate, description="Text of the rewrite prompt."
     )
