@@ -49,19 +49,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with progress.live():
         summary = run_federation(cfg, run, resume=args.resume)
-    final, first = summary.get("final") or {}, summary.get("round0") or {}
-    progress.console.print(
-        f"[bold]{cfg.name}[/]: global held-out loss {first.get('loss', float('nan')):.4f} (round 0) -> "
-        f"{final.get('loss', float('nan')):.4f} (round {summary['rounds']}); "
-        f"{time.perf_counter() - started:.0f} s; outputs in {run.root}"
-    )
+    print_outcome(cfg, summary, run.root, time.perf_counter() - started)
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from fedsdr.compare import comparison_table, write_comparison
-
+def print_outcome(cfg: RunConfig, summary: dict, root: Path, seconds: float) -> None:
     from fedsdr import progress
+
+    final, first = summary.get("final") or {}, summary.get("round0") or {}
+    progress.console.print(
+        f"[bold]{cfg.name}[/]: global held-out loss {first.get('loss', float('nan')):.4f} (round 0) -> "
+        f"{final.get('loss', float('nan')):.4f} (round {summary['rounds']}); {seconds:.0f} s; outputs in {root}"
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedsdr import progress
+    from fedsdr.compare import comparison_table, write_comparison
     from fedsdr.federation.engine import run_federation
     from fedsdr.runs import RunDir
 
@@ -74,7 +78,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             resume = bool(run.last_checkpoint())
             if not resume:
                 run.write_config(cfg)
+            started = time.perf_counter()
             summaries.append(run_federation(cfg, run, resume=resume))
+            print_outcome(cfg, summaries[-1], run.root, time.perf_counter() - started)
     progress.console.print(comparison_table(summaries))
     write_comparison(root, summaries)
     return 0
