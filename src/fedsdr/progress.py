@@ -17,7 +17,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=False)
+# Off a terminal (logs, CI) rich would wrap tables at 80 columns: give them room.
+console = Console(width=None if sys.stdout.isatty() else 160)
 _active: Progress | None = None
 
 
