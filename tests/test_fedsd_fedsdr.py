@@ -271,3 +271,52 @@ def test_exported_adapters_load_with_plain_peft_and_match(tmp_path: Path) -> Non
     x = torch.tensor([[1, 7, 30, 200, 5, 9]])
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["alternate", "joint", "sequential"])
+def test_every_schedule_trains_both_adapters_from_their_own_data(tmp_path: Path, schedule: str) -> None:
+    from fedsdr.train import dual_stream_steps
+
+    session, smooth, rectify = _dual_session(tmp_path, f"fedsdr.schedule={schedule}")
+    model, cfg, tok = session.model, session.cfg, session.tokenizer
+    s0, r0 = get_adapter_state(model, SMOOTH), get_adapter_state(model, RECTIFY)
+    s_stats, r_stats = dual_stream_steps(
+        model, smooth, rectify, cfg.train, schedule=schedule, steps=2, first_step=0, total_steps=2,
+        pad_id=tok.pad_token_id, autocast=session.runtime.autocast,
+    )
+    assert len(s_stats.losses) == len(r_stats.losses) == 2
+    s1, r1 = get_adapter_state(model, SMOOTH), get_adapter_state(model, RECTIFY)
+    assert any(not np.array_equal(s0[k], s1[k]) for k in s0)
+    assert any(not np.array_equal(r0[k], r1[k]) for k in r0)
+
+
+def test_distill_command_writes_data_and_prints_diagnostics(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "distill"
+    assert main(["distill", "--config", str(ROOT / "configs/smoke-fedsd.toml"), "--out", str(out)]) == 0
+    table = json.loads((out / "distill-diagnostics.json").read_text())
+    assert {"client-0", "client-1", "client-2", "all"} <= table.keys()
+    assert table["all"]["num_records"] == sum(table[f"client-{i}"]["num_records"] for i in range(3))
+    assert (out / "clients/client-0/distill/round-000.jsonl").exists()
+    assert "consist" in capsys.readouterr().out
+
+
+def test_export_merge_gives_the_same_logits(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedsdr.models.loading import resolve_model_source
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(["run", "--config", str(ROOT / "configs/smoke-fedsdr.toml"), "--out", str(run),
+                 "--set", "federation.rounds=1"]) == 0
+    assert main(["export", str(run), "--client", "0", "--merge", "--out", str(out)]) == 0
+    cfg = RunDir(run).read_config()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_source(cfg.model))
+    adapters = PeftModel.from_pretrained(base, str(out / "rectify"), adapter_name="rectify")
+    adapters.load_adapter(str(out / "smooth"), adapter_name="smooth")
+    adapters.base_model.set_adapter(["rectify", "smooth"])
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"))
+    x = torch.tensor([[1, 7, 30, 200, 5, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(input_ids=x).logits, adapters.eval()(input_ids=x).logits,
+                                   rtol=1e-4, atol=1e-4)
