@@ -320,3 +320,16 @@ def test_export_merge_gives_the_same_logits(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(input_ids=x).logits, adapters.eval()(input_ids=x).logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_fedsd_with_an_open_ended_only_client(tmp_path: Path) -> None:
+    # A client without verifiable records has no consistency rate: its train reply must still
+    # carry the same metric keys as the others, or Flower refuses to aggregate.
+    out = tmp_path / "run"
+    args = ["run", "--config", str(ROOT / "configs/smoke-fedsd.toml"), "--out", str(out),
+            "--set", 'data.domains=["arithmetic", "construction_faq"]', "--set", "partition.num_clients=2",
+            "--set", "federation.rounds=1"]
+    assert main(args) == 0
+    trains = [r for r in _rows(out) if r["kind"] == "train" and r["scope"] != "global"]
+    assert len({frozenset(r) for r in trains}) == 1
+    assert any(r["distill/consistency_before"] is None for r in trains)

@@ -98,4 +98,6 @@ def read_rows(path: Path) -> list[DistilledRow]:
 def distill_metrics(session: ClientSession) -> dict[str, float]:
     """The diagnostics of the client's distilled set, as numbers for the server."""
     summary = summarize(session.distill_rows)
-    return {f"distill/{k}": float(v) for k, v in summary.items() if v is not None}
+    # Every client reports the same keys (Flower aggregates only consistent records): a rate
+    # over no records (e.g. consistency on open-ended data) is NaN, written as null.
+    return {f"distill/{k}": float("nan") if v is None else float(v) for k, v in summary.items()}
