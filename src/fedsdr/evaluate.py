@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedsdr.config import EvalConfig
 from fedsdr.data.schema import Record
-from fedsdr.train import chat_messages, collate, encode
+from fedsdr.train import chat_messages, collate, encode, token_nll
 
 METRICS = ("loss", "accuracy", "hallucination", "rougeL", "gen_len", "length_ratio", "repeat4")
 
@@ -29,18 +29,9 @@ def reference_losses(
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = collate([examples[i] for i in idx], pad)
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
-        )
+        nll, mask = token_nll(model, collate([examples[i] for i in idx], pad), autocast)
         for row, i in enumerate(idx):
-            n = int((targets[row] != -100).sum())
-            out[i] = (float(nll[row].sum()), n)
+            out[i] = (float(nll[row].sum()), int(mask[row].sum()))
     return out
 
 

@@ -32,12 +32,22 @@ def write_json_atomic(path: Path, data: object) -> None:
 
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `final` in one rename."""
+    """Yield a temporary sibling folder; on success it replaces `final` in one rename.
+
+    Leftovers of writers that crashed are removed first; a crash now leaves no half folder.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    prefix = f".{final.name}.tmp-"
+    for stale in final.parent.glob(prefix + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     try:
         yield tmp
+        # mkdtemp makes owner-only folders; outputs are meant to be read by others too.
+        os.chmod(tmp, 0o755)
+        for path in tmp.rglob("*"):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)

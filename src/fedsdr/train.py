@@ -118,18 +118,24 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
-def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over response tokens, and their count."""
+def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL per position [B, T-1] (0 where the label is ignored) and the target mask."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     with autocast():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-        ignore_index=IGNORE, reduction="sum",
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
     )
-    return loss, int((targets != IGNORE).sum())
+    return nll, targets != IGNORE
+
+
+def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over response tokens, and their count."""
+    nll, mask = token_nll(model, batch, autocast)
+    return nll.sum(), int(mask.sum())
 
 
 @dataclass

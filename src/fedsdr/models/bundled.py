@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsdr.io import atomic_dir
+
 logger = logging.getLogger(__name__)
 
 MARKER_FILE = "fedsdr-prepared.json"
@@ -138,29 +140,8 @@ def build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
     The caller holds the lock for ``final``. Leftovers of crashed builds are removed; an
     existing ``final`` (stale or mismatched) is replaced. A crash leaves no half folder.
     """
-    parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{final.name}.tmp-"
-    for stale in parent.glob(prefix + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    try:
+    with atomic_dir(final) as tmp:
         build(tmp)
-        # mkdtemp (and some writers) create owner-only modes; a cache is readable by all.
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.chmod(f, 0o644)
-        if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-            os.replace(final, trash / "old")
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
