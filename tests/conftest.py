@@ -24,3 +24,15 @@ def tiny_config(*overrides: str) -> RunConfig:
 @pytest.fixture
 def smoke_config() -> RunConfig:
     return tiny_config()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():  # noqa: ANN201
+    """Tiny-model matmuls are too small to share: with 2 OMP threads on a busy 2-core machine
+    such tests ran 10x slower. Modules opt in with `pytestmark`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

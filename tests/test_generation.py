@@ -21,6 +21,8 @@ CORPUS = [
     "Federated learning trains one model across many clients.",
 ] * 20
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE trained offline; eos = pad = <|im_end|> (as in SmolLM2)."""
@@ -63,15 +65,6 @@ def tiny_model(tok: PreTrainedTokenizerFast, eos_scale: float = 2.0) -> LlamaFor
         model.lm_head.weight[eos] *= eos_scale
     return model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matmuls are too small to share; with 2 OMP threads a busy machine
-    (other processes on the 2 cores) made these tests 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
