@@ -2,7 +2,7 @@
 
 What it measures (both in one process, on the same model and the same N records):
 
-- engine: `fedsdr.distill.distill_records` with the config's distill settings, exactly as a
+- engine: `fedsdr.distill.rewrite_records` with the config's distill settings, exactly as a
   FedSD client calls it before round 1 (base model, adapters disabled, under the runtime's
   autocast): prompts built by `build_rewrite_messages`, sorted by length, left-padded,
   `distill.batch_size` per `generate` call, each output cut back to its own token budget.
@@ -14,7 +14,7 @@ Generated tokens are counted the same way for both: the new tokens of each recor
 including its first eos, cut at its budget (pad/eos filler of finished rows is not counted).
 tokens/s of the engine uses the time spent generating (`GenerationStats.seconds`: prompt
 rendering, tokenisation, generate, decoding -- what the loop's time also covers); the wall time
-of the whole `distill_records` call (plus filters and task scorers, which may run code tests)
+of the whole `rewrite_records` call (plus filters and task scorers, which may run code tests)
 is shown too. "identical" is the fraction of records whose rewrite text is the same from both;
 greedy decoding should mostly agree (bf16 batched vs unbatched arithmetic can flip a
 near-tie, after which the texts diverge). Sampling in the config is switched off: greedy only.
@@ -99,12 +99,12 @@ def loop_generate(
 
 
 def run_engine(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed: int) -> dict:
-    from fedsdr.distill import distill_records
+    from fedsdr.distill import rewrite_records
     from fedsdr.generation import GenerationStats
 
     stats = GenerationStats()
     with stopwatch() as elapsed:
-        rows = distill_records(model, tokenizer, records, dcfg, seed=seed, stats=stats)
+        rows = rewrite_records(model, tokenizer, records, dcfg, seed=seed, stats=stats)
     return {"rows": rows, "stats": stats, "wall": elapsed()}
 
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         str(figures["engine_finished"]),
     )
     table.add_row(
-        "  whole distill_records (+ filters)",
+        "  whole rewrite_records (+ filters)",
         "",
         f"{engine['wall']:.1f}",
         f"{figures['engine_tokens_per_s_wall']:.1f}",

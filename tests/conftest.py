@@ -36,3 +36,20 @@ def one_torch_thread():  # noqa: ANN201
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_numbers_only(reply, domains: set[str]) -> None:  # noqa: ANN001
+    """A client's reply carries adapter tensors and numbers; the one ConfigRecord says which
+    figure is which (model labels, domain names) and holds nothing else."""
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+    for name, record in reply.content.items():
+        if isinstance(record, ConfigRecord):
+            assert name == "evaluation" and set(record) == {"models", "domains"}
+            assert set(record["models"]) <= {"global", "personalized"}
+            assert set(record["domains"]) <= domains | {"all"}
+            continue
+        assert isinstance(record, ArrayRecord | MetricRecord), type(record)
+        if isinstance(record, MetricRecord):
+            values = [x for v in record.values() for x in (v if isinstance(v, list) else [v])]
+            assert all(isinstance(x, int | float) for x in values)

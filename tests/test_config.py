@@ -214,8 +214,13 @@ def test_other_algorithms_leave_distillation_as_set() -> None:
     )
 
 
-def test_unknown_algorithm() -> None:
-    assert "federation.algorithm" in config_error(SMOKE, ["federation.algorithm=fedfoo"])
+def test_unknown_algorithm_stops_before_the_model_loads(capsys, monkeypatch) -> None:
+    from fedsdr.cli import main
+    from fedsdr.models import loading
+
+    monkeypatch.setattr(loading, "load_base_model", lambda *a: pytest.fail("the model was loaded"))
+    assert main(["run", "--config", str(SMOKE), "--set", "federation.algorithm=fedfoo", "--out", "/nonexistent"]) == 2
+    assert "federation.algorithm" in capsys.readouterr().err
 
 
 def test_assignment_is_validated() -> None:

@@ -200,11 +200,9 @@ def test_loopback_deployment(tmp_path: Path, env: dict[str, str], procs: Process
         f'[superlink]\ndefault = "{FEDERATION}"\n\n'
         f'[superlink.{FEDERATION}]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
     )
-    run_cfg = tmp_path / "deploy.toml"  # the smoke config, two silos, one round
-    run_cfg.write_text(
-        f"extends = {json.dumps(str(CONFIG))}\n\n[partition]\nnum_clients = 2\n\n[federation]\nrounds = 1\n"
-    )
-    cfg = load_config(str(run_cfg))
+    # The smoke config, two silos, one round, rank 2: set as Flower users do, with --run-config.
+    overrides = "partition.num_clients=2 federation.rounds=1 lora.r=2"
+    cfg = load_config(str(CONFIG), overrides.split())
     silos = write_silos(tmp_path)
     states = [tmp_path / f"state-{k}" for k in range(2)]
     out = tmp_path / "out"
@@ -224,7 +222,7 @@ def test_loopback_deployment(tmp_path: Path, env: dict[str, str], procs: Process
 
     started = subprocess.run(
         [str(BIN / "flwr"), "run", str(app), FEDERATION,
-         "--run-config", f"fedsdr-config='{run_cfg}' out-dir='{out}'"],
+         "--run-config", f"fedsdr-config='{CONFIG}' set='{overrides}' out-dir='{out}'"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90,
     )
     assert started.returncode == 0 and "Successfully started run" in started.stdout, (
@@ -241,6 +239,8 @@ def test_loopback_deployment(tmp_path: Path, env: dict[str, str], procs: Process
 
     rows = read_rows(out / "metrics.jsonl")
     assert (out / "checkpoints/round-001/adapter_model.safetensors").stat().st_size > 0
+    assert json.loads((out / "config.json").read_text()) == json.loads(cfg.to_json())  # overrides applied
+    assert json.loads((out / "checkpoints/round-001/adapter_config.json").read_text())["r"] == 2
     assert {r["round"] for r in rows if r["scope"] == "global" and r["kind"] == "eval"} == {0, 1}
     for k, (silo, state) in enumerate(zip(silos, states, strict=True)):
         data = load_silo_data(str(silo), k, cfg.data, cfg.seed)

@@ -20,10 +20,10 @@ from fedsdr.distill import (
     build_rewrite_messages,
     cache_key,
     check_rewrite,
-    distill_records,
-    distilled_records,
-    load_or_distill,
+    distilled_set,
+    load_or_rewrite,
     render_table,
+    rewrite_records,
     summarize,
 )
 from fedsdr.generation import Generation, GenerationStats
@@ -153,7 +153,7 @@ def test_filter_switches_and_thresholds() -> None:
 
 
 def test_targets_fall_back_to_raw(monkeypatch) -> None:
-    """Each crafted rewrite goes through distill_records; fired rules restore the raw output."""
+    """Each crafted rewrite goes through rewrite_records; fired rules restore the raw output."""
     records = [rec.replace(id=f"r{i}") for i, (rec, *_) in enumerate(CASES)]
 
     def fake_generate(model, tokenizer, prompts, *, max_new_tokens, **kwargs):
@@ -166,7 +166,7 @@ def test_targets_fall_back_to_raw(monkeypatch) -> None:
         def __call__(self, texts, add_special_tokens=False):
             return {"input_ids": [t.split() for t in texts]}
 
-    rows = distill_records(None, Tok(), records, DistillConfig(enabled=True), seed=0)
+    rows = rewrite_records(None, Tok(), records, DistillConfig(enabled=True), seed=0)
     for row, (record, rewrite, truncated, reason) in zip(rows, CASES, strict=True):
         assert row.fallback == reason
         assert row.truncated == truncated
@@ -175,8 +175,8 @@ def test_targets_fall_back_to_raw(monkeypatch) -> None:
     math_rows = [r for r in rows if r.record.verifiable]
     assert [r.consistent_rewrite for r in math_rows] == [True, False]
     assert all(r.consistent_target for r in math_rows)
-    assert [r.output for r in distilled_records(rows)] == [r.target for r in rows]
-    assert [r.id for r in distilled_records(rows)] == [r.id for r in records]
+    assert [r.output for r in distilled_set(rows)] == [r.target for r in rows]
+    assert [r.id for r in distilled_set(rows)] == [r.id for r in records]
 
 
 def test_config() -> None:
@@ -200,14 +200,14 @@ def test_distill_on_tiny_model(tiny) -> None:
     ]
     cfg = DistillConfig(enabled=True, min_new_tokens=4, max_new_tokens=12, batch_size=4)
     stats = GenerationStats()
-    rows = distill_records(model, tok, records, cfg, seed=0, stats=stats)
+    rows = rewrite_records(model, tok, records, cfg, seed=0, stats=stats)
     assert [r.id for r in rows] == [r.id for r in records]
     assert stats.calls == 2 and stats.records == 6
     # A random model writes noise: nothing it writes passes the answer check.
     assert all(r.fallback is not None and r.target == r.raw for r in rows)
     assert any(r.truncated for r in rows)
     assert all(r.fallback == "degenerate" for r in rows if r.truncated)
-    again = distill_records(model, tok, records, cfg, seed=0)
+    again = rewrite_records(model, tok, records, cfg, seed=0)
     assert again == rows  # greedy: deterministic
 
 
@@ -316,11 +316,11 @@ def test_cache_prevents_second_generation(tiny, tmp_path) -> None:
     stats = GenerationStats()
 
     def compute() -> list[DistilledRow]:
-        return distill_records(model, tok, records, cfg, seed=0, stats=stats)
+        return rewrite_records(model, tok, records, cfg, seed=0, stats=stats)
 
-    rows, cached = load_or_distill(tmp_path, key, compute)
+    rows, cached = load_or_rewrite(tmp_path, key, compute)
     assert not cached and stats.calls == 2
-    again, cached = load_or_distill(tmp_path, key, compute)
+    again, cached = load_or_rewrite(tmp_path, key, compute)
     assert cached and stats.calls == 2  # no generation the second time
     assert again == rows
     lines = (tmp_path / f"distilled-{key[:16]}.jsonl").read_text().splitlines()

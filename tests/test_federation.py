@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_config
-from flwr.app import ArrayRecord, MetricRecord
+from conftest import ROOT, assert_numbers_only, tiny_config
 
 from fedsdr.algorithms import ClientSession, get_algorithm
 from fedsdr.cli import main
@@ -20,7 +19,7 @@ from fedsdr.federation.engine import InProcessGrid, run_inprocess
 from fedsdr.federation.server import Server
 from fedsdr.models.adapters import from_arrayrecord, load_adapter_file
 from fedsdr.models.loading import shared_model
-from fedsdr.runs import RunDir
+from fedsdr.runs import ClientDir, RunDir
 
 
 def _rows(out: Path) -> list[dict]:
@@ -87,11 +86,11 @@ def test_fedavg_with_unequal_client_sizes(tmp_path: Path) -> None:
 
 
 def _client_update(cfg, client_id: int, tmp_path: Path) -> tuple[dict, dict]:  # noqa: ANN001
-    algorithm = get_algorithm(cfg.federation.algorithm)
+    algorithm = get_algorithm(cfg)
     model, tok, runtime, _ = shared_model(cfg.model, cfg.lora, algorithm.adapters(cfg), cfg.seed)
     data = build_federated_data(cfg.data, cfg.partition, cfg.seed).clients[client_id]
     session = ClientSession(cfg=cfg, client_id=client_id, model=model, tokenizer=tok, runtime=runtime,
-                            data=data, state_dir=tmp_path / "c", cache_dir=tmp_path / "cache")
+                            data=data, disk=ClientDir(tmp_path / "c"), cache_dir=tmp_path / "cache")
     server = Server(cfg, RunDir(tmp_path / "s"))
     global_state = from_arrayrecord(server.initial_arrays())
     # a non-zero B so the global adapter is not at the origin
@@ -115,7 +114,7 @@ def test_fedprox_pulls_local_adapter_toward_global(tmp_path: Path) -> None:
 
 def test_base_weights_never_change(tmp_path: Path) -> None:
     cfg = tiny_config()
-    algorithm = get_algorithm(cfg.federation.algorithm)
+    algorithm = get_algorithm(cfg)
     model, *_ = shared_model(cfg.model, cfg.lora, algorithm.adapters(cfg), cfg.seed)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     run_inprocess(cfg, RunDir(tmp_path))
@@ -130,13 +129,11 @@ def test_clients_send_only_adapter_tensors_and_numbers(tmp_path: Path) -> None:
     run_inprocess(cfg, RunDir(tmp_path), grid=grid)
     assert grid.received
     expected_keys = set(from_arrayrecord(Server(cfg, RunDir(tmp_path)).initial_arrays()))
+    domains = {r.domain for c in build_federated_data(cfg.data, cfg.partition, cfg.seed).clients for r in c.test}
     for reply in grid.received:
-        for record in reply.content.values():
-            assert isinstance(record, ArrayRecord | MetricRecord), type(record)
-            if isinstance(record, MetricRecord):
-                assert all(isinstance(v, int | float) for v in record.values())
-            else:
-                assert set(record) == expected_keys
+        assert_numbers_only(reply, domains)
+        for record in reply.content.array_records.values():
+            assert set(record) == expected_keys
 
 
 def test_resume_after_kill_between_rounds_matches_uninterrupted(tmp_path: Path, monkeypatch) -> None:

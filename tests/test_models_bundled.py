@@ -14,15 +14,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 from fedsdr.models import bundled  # noqa: E402
-from fedsdr.models.bundled import (  # noqa: E402
-    BUNDLED_MODELS,
+from fedsdr.models.bundled import BUNDLED_MODELS, prepare_bundled  # noqa: E402
+from fedsdr.models.cache import (  # noqa: E402
     MARKER_FILE,
     build_atomically,
     default_cache_dir,
-    prepare_bundled,
-    resolve_model_path,
+    file_lock,
     sha256_file,
 )
+from fedsdr.models.resolve import resolve_model_path  # noqa: E402
 from fedsdr.models.tiny import build_tiny_model_dir  # noqa: E402
 
 SMOLLM = "smollm2-135m-instruct"
@@ -181,6 +181,68 @@ def test_failed_build_leaves_no_folder(tmp_path):
     build_atomically(final, lambda tmp: (tmp / "v").write_text("2"))  # replaces
     assert (final / "v").read_text() == "2"
     assert sorted(p.name for p in final.parent.iterdir()) == ["x"]
+
+
+def test_misspelt_model_name_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="Did you mean 'smollm2-135m-instruct'"):
+        resolve_model_path("smollm2-135m-instruc", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="tiny-random"):
+        resolve_model_path("tiny-randm", cache_dir=tmp_path)
+    assert resolve_model_path("gpt2", cache_dir=tmp_path) == "gpt2"  # short hub ids pass
+    assert not (tmp_path / "models").exists()
+
+
+def test_file_lock_excludes_other_processes_and_reports_waiting(tmp_path):
+    import sys
+
+    lock = tmp_path / "locks" / "x.lock"
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from fedsdr.models.cache import file_lock\n"
+        "with file_lock(Path(sys.argv[1]), on_wait=lambda: print('waiting', flush=True)):\n"
+        "    print('got it', flush=True)\n"
+    )
+    with file_lock(lock):
+        child = subprocess.Popen(
+            [sys.executable, "-c", script, str(lock)], stdout=subprocess.PIPE, text=True
+        )
+        assert child.stdout.readline().strip() == "waiting"
+        time.sleep(0.2)
+        assert child.poll() is None  # still blocked while we hold the lock
+    out, _ = child.communicate(timeout=60)
+    assert out.strip() == "got it" and child.returncode == 0
+
+    called = []
+    with file_lock(lock, on_wait=lambda: called.append(1)):
+        pass
+    assert called == []  # uncontended: no message
+
+
+def test_models_package_has_no_import_circle():
+    import ast
+
+    folder = Path(bundled.__file__).parent
+    imports: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.startswith("fedsdr.models."):
+                    found.add(node.module.split(".")[2])
+                elif node.module == "fedsdr.models":
+                    found.update(a.name for a in node.names)
+        imports[path.stem] = found & {p.stem for p in folder.glob("*.py")}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        for nxt in imports.get(start, ()):
+            if nxt == target or (nxt not in seen and reaches(nxt, target, seen | {nxt})):
+                return True
+        return False
+
+    assert not [m for m in imports if reaches(m, m, {m})], imports
+    assert imports["cache"] == set()
+    assert imports["tiny"] == {"cache"}
 
 
 def test_unknown_bundled_name():

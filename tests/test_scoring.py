@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import pytest
 
-from fedsdr.data.schema import Record
+from fedsdr.data.schema import DataError, Record
 from fedsdr.scoring import (
     SCORERS,
     extract_final_answer,
+    reference_self_check,
     repeated_ngram_rate,
     rouge_l,
     score,
+    score_response,
+    stated_answer,
     states_wrong_answer,
     word_count,
 )
@@ -174,3 +178,170 @@ def test_repeated_ngram_rate() -> None:
 def test_word_count() -> None:
     assert word_count("one two  three\nfour") == 4
     assert word_count("") == 0
+
+
+# ---------------------------------------------------------------------------
+# One extraction for accuracy and hallucination
+# ---------------------------------------------------------------------------
+
+
+LONG = "Let me think about this problem carefully.\nFirst we add the numbers together.\n"
+
+
+@pytest.mark.parametrize(
+    ("response", "strict", "flexible"),
+    [
+        ("Answer: 42", "42", "42"),
+        (LONG + "#### 42", "42", "42"),
+        (LONG + "So \\boxed{42}.", "42", "42"),
+        (LONG + "Thus the answer is 42.", "42", "42"),
+        (LONG + "We get 40 and then 42 in total", None, "42"),  # no marker: flexible only
+        (LONG + "Answer: I cannot tell\nmaybe 41", "I cannot tell", "41"),  # stated, no number
+        (LONG + "nothing numeric here", None, None),
+        ("42", "42", "42"),  # a reply that is only the answer states it
+    ],
+)
+def test_stated_answer_numeric(response: str, strict: str | None, flexible: str | None) -> None:
+    rec = _numeric("42")
+    assert stated_answer(rec, response, "strict") == strict
+    assert stated_answer(rec, response, "flexible") == flexible
+
+
+def test_stated_answer_exact_flexible_takes_the_last_line() -> None:
+    rec = Record(id="e", instruction="q", output="o", answer="blue", scorer="exact")
+    response = "The sky scatters short wavelengths.\nSo its colour is:\nblue."
+    assert stated_answer(rec, response, "strict") is None
+    assert stated_answer(rec, response, "flexible") == "blue"
+    with pytest.raises(ValueError, match="mode"):
+        stated_answer(rec, response, "loose")  # type: ignore[arg-type]
+
+
+def test_accuracy_and_hallucination_share_one_extraction() -> None:
+    rec = _numeric("42")
+    # The last number is right but no answer is stated: flexibly right, strictly not stated.
+    unstated = score_response(rec, LONG + "We get 40 and then 42 in total")
+    assert unstated is not None
+    assert (unstated.accuracy, unstated.accuracy_flexible, unstated.stated, unstated.hallucination) == (
+        False, True, False, False)
+    # The same number stated wrongly: a hallucination, and wrong in both modes.
+    wrong = score_response(rec, LONG + "Answer: 41")
+    assert wrong is not None and wrong.figures() == {
+        "accuracy": 0.0, "accuracy_flexible": 0.0, "hallucination": 1.0, "stated": 1.0}
+    right = score_response(rec, LONG + "Answer: 42")
+    assert right is not None and right.figures() == {
+        "accuracy": 1.0, "accuracy_flexible": 1.0, "hallucination": 0.0, "stated": 1.0}
+    # Consistency: accuracy <= accuracy_flexible, hallucination == stated and not accuracy.
+    for response in ("Answer: 41", "42", "x 42", LONG + "41 then 42", LONG + "Answer: n/a\n42", "", "Answer: 42.0"):
+        res = score_response(rec, response)
+        assert res is not None
+        assert res.accuracy <= res.accuracy_flexible
+        assert res.hallucination == (res.stated and not res.accuracy)
+        assert states_wrong_answer(rec, response) == res.hallucination
+        assert score(rec, response, mode="strict") == res.accuracy
+        assert score(rec, response) == res.accuracy_flexible
+    assert score_response(Record(id="o", instruction="q", output="o"), "anything") is None
+
+
+def test_answer_regex_replaces_the_builtin_markers_in_strict_mode() -> None:
+    rec = _numeric("42")
+    regex = r"RESULT=<(\d+)>"
+    assert stated_answer(rec, "RESULT=<7> no wait RESULT=<42>", answer_regex=regex) == "42"
+    assert stated_answer(rec, LONG + "Answer: 42", answer_regex=regex) is None  # strict: the regex only
+    assert stated_answer(rec, LONG + "Answer: 42", "flexible", answer_regex=regex) == "42"
+    res = score_response(rec, LONG + "RESULT=<41>", answer_regex=regex)
+    assert res is not None and res.hallucination
+
+
+def test_humaneval_tests_run_once_with_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedsdr.scoring as scoring
+
+    calls: list[float] = []
+    real = scoring.score_humaneval
+
+    def counting(record: Record, response: str, timeout: float = 5.0) -> bool:
+        calls.append(timeout)
+        return real(record, response, timeout)
+
+    monkeypatch.setitem(SCORERS, "humaneval", counting)
+    res = score_response(_he(), "```python\ndef add(a, b):\n    return 0\n```", timeout=2.5)
+    assert res is not None and res.hallucination and not res.accuracy_flexible
+    assert calls == [2.5]
+    calls.clear()
+    res = score_response(_he(), "I don't know.", timeout=2.5)
+    assert res is not None and not res.stated and not res.accuracy
+    assert calls == []  # no code: nothing to run
+
+
+def test_choice_text_scorer_accepts_the_text_or_the_letter() -> None:
+    rec = Record(id="c", instruction="q", output="Paris", answer="B", scorer="choice",
+                 choices=("Lyon", "Paris", "Nice"))
+    assert rec.choice_index == 1
+    assert score(rec, "Answer: Paris") is True
+    assert score(rec, "Answer: (B)") is True
+    assert score(rec, "Answer: A") is False
+
+
+@pytest.mark.parametrize(("answer", "index"), [("Paris", 1), (" paris ", 1), ("C", 2), ("(a)", 0), ("2", 2)])
+def test_choice_answer_resolves_text_letter_or_index(answer: str, index: int) -> None:
+    rec = Record(id="c", instruction="q", output="o", answer=answer, scorer="choice",
+                 choices=["Lyon", "Paris", "Nice"])  # type: ignore[arg-type]
+    assert rec.choice_index == index
+    assert rec.choices == ("Lyon", "Paris", "Nice")
+
+
+def test_choice_text_wins_over_its_index() -> None:
+    rec = Record(id="c", instruction="q", output="o", answer="1", scorer="choice", choices=("0", "1"))
+    assert rec.choice_index == 1
+
+
+def test_choice_answer_matching_none_names_the_record() -> None:
+    with pytest.raises(DataError, match=r"'mc-7'.*'Marseille'.*3 choices"):
+        Record(id="mc-7", instruction="q", output="o", answer="Marseille", scorer="choice",
+               choices=("Lyon", "Paris", "Nice"))
+    with pytest.raises(DataError, match="at least two choices"):
+        Record(id="mc-8", instruction="q", output="o", answer="A", scorer="choice", choices=("Lyon",))
+
+
+def test_choice_record_json_round_trip() -> None:
+    rec = Record(id="c", instruction="q", output="o", answer="B", scorer="choice", choices=("x", "y"))
+    again = Record.from_json(json.loads(json.dumps(rec.to_json())))
+    assert again == rec and again.choice_index == 1
+    assert "choices" not in _numeric("1").to_json()  # records without choices keep their old form
+
+
+def test_reference_self_check() -> None:
+    records = [
+        Record(id="g1", instruction="q", output="6 * 7 = 42\nAnswer: 42", domain="gsm", answer="42", scorer="numeric"),
+        Record(id="g2", instruction="q", output="6 * 7 is 42 and that is all there is to it\nreally", domain="gsm",
+               answer="42", scorer="numeric"),  # never states it: a strict failure, flexibly right
+        Record(id="g3", instruction="q", output="Answer: 41", domain="gsm", answer="42", scorer="numeric"),
+        Record(id="w1", instruction="q", output="apple pear", domain="words", answer="apple pear", scorer="exact"),
+        Record(id="f1", instruction="q", output="free text", domain="faq"),
+        _he(),
+        Record(id="c1", instruction="q", output="x", domain="mc", answer="A", scorer="choice", choices=("x", "y")),
+    ]
+    report = reference_self_check(records)
+    assert set(report) == {"gsm", "words"}  # open-ended, code and choice records are skipped
+    assert report["gsm"]["checked"] == 3 and report["gsm"]["failed"] == 2
+    assert report["gsm"]["failed_flexible"] == 1
+    assert report["gsm"]["example"].startswith("g2: ") and "really" in report["gsm"]["example"]
+    assert report["words"] == {"checked": 1, "failed": 0, "failed_flexible": 0, "example": ""}
+    # A user format the built-in markers miss, declared by a regex.
+    tagged = [Record(id="t1", instruction="q", output="so <ans>42</ans>", domain="d", answer="42", scorer="numeric"),
+              Record(id="t2", instruction="q", output="it is 5 <ans>42</ans>\nbye now", domain="d",
+                     answer="42", scorer="numeric")]
+    assert reference_self_check(tagged)["d"]["failed"] == 1
+    assert reference_self_check(tagged, answer_regex=r"<ans>(.*?)</ans>")["d"]["failed"] == 0
+
+
+def test_reference_self_check_counts_scorer_errors() -> None:
+    bad = Record(id="b1", instruction="q", output="Answer: x", domain="d", answer="not a number", scorer="numeric")
+    report = reference_self_check([bad])
+    assert report["d"]["failed"] == 1 and "not a number" in report["d"]["example"]
+
+
+def test_bundled_references_state_their_answers_strictly() -> None:
+    from fedsdr.data.benchmark import build_multi_domain
+
+    report = reference_self_check(build_multi_domain(6, seed=0))
+    assert report and all(entry["checked"] > 0 and entry["failed"] == 0 for entry in report.values()), report

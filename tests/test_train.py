@@ -32,7 +32,7 @@ RECORD = Record(id="r1", instruction="What is 2 + 3?", output="The answer is 5."
 
 def _model():  # noqa: ANN202
     cfg = tiny_config()
-    model, tok, runtime, _ = shared_model(cfg.model, cfg.lora, get_algorithm("fedavg").adapters(cfg), cfg.seed)
+    model, tok, runtime, _ = shared_model(cfg.model, cfg.lora, get_algorithm(cfg).adapters(cfg), cfg.seed)
     return cfg, model, tok, runtime
 
 

@@ -28,7 +28,8 @@ def _out_dir(cfg: RunConfig, out: str | None, config_path: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedsdr import progress
+    from fedsdr.algorithms import get_algorithm
+    from fedsdr.console import live
     from fedsdr.federation.engine import run_federation
     from fedsdr.runs import RunDir
 
@@ -41,39 +42,43 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("--resume continues a run with its saved config; --set is not allowed")
     else:
         cfg = load_config(args.config, args.set)
+        get_algorithm(cfg)  # an unknown algorithm stops here, before anything loads
         run = RunDir(_out_dir(cfg, args.out, args.config))
         if run.last_checkpoint() and not args.force:
             raise ConfigError(f"{run.root} already holds a run; pass --resume to continue it, "
                               "--force to start over, or another --out")
         run.write_config(cfg)
     started = time.perf_counter()
-    with progress.live():
+    with live():
         summary = run_federation(cfg, run, resume=args.resume)
     print_outcome(cfg, summary, run.root, time.perf_counter() - started)
     return 0
 
 
 def print_outcome(cfg: RunConfig, summary: dict, root: Path, seconds: float) -> None:
-    from fedsdr import progress
+    from fedsdr.console import console
 
     final, first = summary.get("final") or {}, summary.get("round0") or {}
-    progress.console.print(
+    console.print(
         f"[bold]{cfg.name}[/]: global held-out loss {first.get('loss', float('nan')):.4f} (round 0) -> "
         f"{final.get('loss', float('nan')):.4f} (round {summary['rounds']}); {seconds:.0f} s; outputs in {root}"
     )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedsdr import progress
-    from fedsdr.compare import comparison_table, write_comparison
+    from fedsdr.algorithms import get_algorithm
+    from fedsdr.console import console, live
     from fedsdr.federation.engine import run_federation
+    from fedsdr.report import comparison_table, write_comparison
     from fedsdr.runs import RunDir
 
     root = Path(args.out or "runs/compare")
+    configs = [load_config(path, args.set) for path in args.config]
+    for cfg in configs:  # every config checked before the first run starts
+        get_algorithm(cfg)
     summaries = []
-    with progress.live():
-        for path in args.config:
-            cfg = load_config(path, args.set)
+    with live():
+        for path, cfg in zip(args.config, configs, strict=True):
             run = RunDir(root / Path(path).stem)
             resume = bool(run.last_checkpoint())
             if not resume:
@@ -81,16 +86,39 @@ def cmd_compare(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             summaries.append(run_federation(cfg, run, resume=resume))
             print_outcome(cfg, summaries[-1], run.root, time.perf_counter() - started)
-    progress.console.print(comparison_table(summaries))
+    console.print(comparison_table(summaries))
     write_comparison(root, summaries)
     return 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from fedsdr.distill_command import distill_all
+    """FedSD's rewriting step alone: every client's training data rewritten by the base model
+    (as before round 1), each client's distilled set and diagnostics on its disk, one table."""
+    from fedsdr.algorithms import get_algorithm
+    from fedsdr.algorithms.fedsd import client_distilled_set
+    from fedsdr.console import console, live
+    from fedsdr.distill import render_table, summarize
+    from fedsdr.federation.client import new_session
+    from fedsdr.io import write_json_atomic
+    from fedsdr.models.adapters import fresh_adapter_state
+    from fedsdr.runs import RunDir
 
     cfg = load_config(args.config, args.set)
-    distill_all(cfg, Path(args.out) if args.out else _out_dir(cfg, None, args.config))
+    run = RunDir(Path(args.out) if args.out else _out_dir(cfg, None, args.config))
+    adapter = get_algorithm(cfg).global_adapter
+    per_client: dict[str, dict] = {}
+    all_rows = []
+    with live():
+        for client_id in range(cfg.partition.num_clients):
+            session = new_session(cfg, client_id, run.clients)
+            unused = fresh_adapter_state(session.model, adapter, 0)  # round 1 rewrites with W0 only
+            client_distilled_set(session, 1, adapter, unused)
+            per_client[run.client(client_id).root.name] = summarize(session.distilled_rows)
+            all_rows.extend(session.distilled_rows)
+    per_client["all"] = summarize(all_rows)
+    write_json_atomic(run.root / "distill-diagnostics.json", per_client)
+    console.print(render_table(per_client))
+    console.print(f"distilled sets and diagnostics in {run.clients}")
     return 0
 
 

@@ -6,13 +6,12 @@ Every field documents itself; unknown keys are errors that name the key.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from fedsdr.distill.engine import DistillConfig
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -59,6 +58,7 @@ class FieldMap(_Section):
     domain: str = "domain"
     answer: str = "answer"
     scorer: str = "scorer"
+    choices: str = "choices"  # multiple choice: a list (CSV: a JSON list in the cell)
 
 
 class DataConfig(_Section):
@@ -105,13 +105,16 @@ class TrainConfig(_Section):
     length_grouping: bool = Field(True, description="Group batches by length to cut padding.")
 
 
-ALGORITHMS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedsdr")
-
-
 class FederationConfig(_Section):
-    algorithm: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedsdr"] = "fedavg"
-    server_strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
-        "fedavg", description="FedSDR only: the strategy that aggregates LoRA-R."
+    algorithm: str = Field(
+        "fedavg",
+        description="fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad or fedsdr (the registry in "
+        "`fedsdr.algorithms` checks the name before anything loads).",
+    )
+    server_strategy: str = Field(
+        "fedavg",
+        description="Algorithms with a local adapter (FedSDR): the single-adapter algorithm whose server "
+        "strategy aggregates the global adapter, and whose client term (FedProx's) its stream gets.",
     )
     rounds: int = Field(3, ge=1)
     engine: Literal["inprocess", "ray"] = "inprocess"
@@ -134,16 +137,166 @@ class EvalConfig(_Section):
     batch_size: int = Field(32, ge=1, description="Rows decoded together (continuous batching).")
     code_timeout: float = Field(5.0, gt=0, description="Seconds per code test run.")
     clients: bool = Field(True, description="Evaluate the global model on every client's test split.")
+    max_new_tokens_per_domain: dict[str, int] = Field(
+        default_factory=dict, description="Token budget per domain, overriding max_new_tokens (e.g. {code = 256})."
+    )
+    answer_regex: str = Field(
+        "",
+        description="A regex with one group that extracts the stated answer from references and responses "
+        "(strict mode; the last match counts). Empty: the built-in markers (Answer:, ####, \\boxed{}, "
+        "'the answer is').",
+    )
+
+    @field_validator("max_new_tokens_per_domain")
+    @classmethod
+    def _check_budgets(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = {k: v for k, v in value.items() if v < 1}
+        if bad:
+            raise ValueError(f"token budgets must be >= 1, got {bad}")
+        return value
+
+    @field_validator("answer_regex")
+    @classmethod
+    def _check_answer_regex(cls, value: str) -> str:
+        import re
+
+        if not value:
+            return value
+        try:
+            groups = re.compile(value).groups
+        except re.error as e:
+            raise ValueError(f"answer_regex {value!r} is not a valid regular expression: {e}") from None
+        if groups != 1:
+            raise ValueError(
+                f"answer_regex {value!r} must have exactly one capturing group (the answer), it has {groups}; "
+                "make other groups non-capturing with (?:...)"
+            )
+        return value
+
+
+DEFAULT_LEAK_PHRASES = [
+    "reference answer",
+    "reference response",
+    "reference solution",
+    "the reference",
+    "your response",
+    "my response",
+    "the provided answer",
+    "the provided response",
+    "the given answer",
+    "the given response",
+    "as mentioned in the reference",
+    "according to the reference",
+]
+
+
+class FilterConfig(_Section):
+    """Which fallback rules are on, and their thresholds."""
+
+    leak: bool = Field(True, description="Fall back when the rewrite mentions the reference.")
+    degenerate: bool = Field(
+        True,
+        description="Fall back on empty, truncated (no eos within budget) or looping rewrites.",
+    )
+    inflation: bool = Field(True, description="Fall back when the rewrite is much longer.")
+    max_length_ratio: float = Field(
+        2.5, gt=0, description="Inflation bound on words(rewrite) / max(1, words(reference))."
+    )
+    answer_consistency: bool = Field(
+        True,
+        description="On verifiable records, fall back unless the task scorer accepts the rewrite.",
+    )
+    max_repeat_rate: float = Field(
+        0.5, ge=0, le=1, description="Looping bound on the repeated 4-gram rate of the rewrite."
+    )
+    leak_phrases: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LEAK_PHRASES),
+        description="Case-insensitive phrases that reveal the rewrite is talking about the reference.",
+    )
+
+
+DEFAULT_SYSTEM = (
+    "Answer the instruction yourself, in your own words. A reference answer is provided: "
+    "use it only as a guide to get the content right. Do not mention, quote or refer to it."
+)
+DEFAULT_USER = "{instruction}\n\nReference answer (for guidance only):\n{reference}"
+
+
+class RewriteTemplate(_Section):
+    """Text of the rewrite prompt; rendered with the model's own chat template."""
+
+    system: str = Field(
+        DEFAULT_SYSTEM,
+        description="System line. Empty string: no system message (the chat template may "
+        "then insert its own default).",
+    )
+    user: str = Field(
+        DEFAULT_USER,
+        description="User message; `{instruction}` is the record's prompt (instruction and "
+        "input), `{reference}` its reference output.",
+    )
+
+    @field_validator("user")
+    @classmethod
+    def _has_placeholders(cls, value: str) -> str:
+        missing = [p for p in ("{instruction}", "{reference}") if p not in value]
+        if missing:
+            raise ValueError(f"user template lacks {', '.join(missing)}")
+        return value
+
+
+class DistillConfig(_Section):
+    """FedSD: rewriting the clients' data with the model before (or during) training."""
+
+    enabled: bool = Field(False, description="Train on distilled data (Algorithm + FedSD).")
+    refresh_every: int = Field(
+        0,
+        ge=0,
+        description="0: rewrite once before round 1 with the base model; R > 0: rewrite again "
+        "with the current global model every R rounds.",
+    )
+    do_sample: bool = Field(False, description="Sample rewrites instead of greedy decoding.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (do_sample only).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (do_sample only).")
+    max_new_tokens_ratio: float = Field(
+        2.0, gt=0, description="Token budget per record = ratio * tokens(reference), clamped."
+    )
+    min_new_tokens: int = Field(32, ge=1, description="Lower clamp of the token budget.")
+    max_new_tokens: int = Field(256, ge=1, description="Upper clamp of the token budget.")
+    batch_size: int = Field(32, ge=1, description="Rows decoded together (continuous batching).")
+    template: RewriteTemplate = Field(
+        default_factory=RewriteTemplate, description="Text of the rewrite prompt."
+    )
+    filters: FilterConfig = Field(
+        default_factory=FilterConfig, description="Fallback rules (rewrite -> raw output)."
+    )
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> DistillConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must be <= max_new_tokens")
+        return self
+
+    def budget(self, reference_tokens: int) -> int:
+        """Token budget for a reference of `reference_tokens` tokens."""
+        raw = math.ceil(self.max_new_tokens_ratio * reference_tokens)
+        return max(self.min_new_tokens, min(self.max_new_tokens, raw))
 
 
 class FedSDRConfig(_Section):
     schedule: Literal["alternate", "joint", "sequential"] = "alternate"
-    joint_lambda: float = Field(1.0, ge=0, description="joint schedule: weight of the raw loss.")
-    smooth_r: int = Field(0, ge=0, description="LoRA-S rank (0: same as lora.r).")
-    smooth_alpha: float = Field(0.0, ge=0, description="LoRA-S alpha (0: same as lora.alpha).")
-    rectify_r: int = Field(0, ge=0, description="LoRA-R rank (0: same as lora.r).")
-    rectify_alpha: float = Field(0.0, ge=0, description="LoRA-R alpha (0: same as lora.alpha).")
-    smooth_lr: float = Field(0.0, ge=0, description="LoRA-S learning rate (0: same as train.lr).")
+    joint_lambda: float = Field(
+        1.0,
+        ge=0,
+        description="joint schedule: weight of the raw loss. Both adapters share one AdamW, which is "
+        "invariant to a loss scale, so the weight acts as LoRA-R's learning-rate factor "
+        "(lambda * L_raw under SGD is lambda * lr for R).",
+    )
+    smooth_r: int | None = Field(None, ge=1, description="LoRA-S rank (unset: lora.r).")
+    smooth_alpha: float | None = Field(None, gt=0, description="LoRA-S alpha (unset: lora.alpha).")
+    rectify_r: int | None = Field(None, ge=1, description="LoRA-R rank (unset: lora.r).")
+    rectify_alpha: float | None = Field(None, gt=0, description="LoRA-R alpha (unset: lora.alpha).")
+    smooth_lr: float | None = Field(None, gt=0, description="LoRA-S learning rate (unset: train.lr).")
 
 
 class RunConfig(_Section):

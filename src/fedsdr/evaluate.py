@@ -1,10 +1,19 @@
-"""Evaluate a model on records: reference loss, task accuracy, hallucination, ROUGE-L, redundancy."""
+"""Evaluate a model on records: reference loss, task accuracy, hallucination, ROUGE-L, redundancy.
+
+Generation-scored records (everything but scorer "choice") are answered by greedy decoding
+within their domain's token budget and scored by `fedsdr.scoring.score_response` (one answer
+extraction for accuracy and hallucination); multiple-choice records are ranked by
+log-likelihood (`fedsdr.choice`), no generation. Every figure M comes with `M_se`: the binomial
+standard error for rates, a seeded bootstrap over records for the others (loss: ratio of
+sums over resampled records).
+"""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -13,7 +22,13 @@ from fedsdr.config import EvalConfig
 from fedsdr.data.schema import Record
 from fedsdr.train import chat_messages, collate, encode, token_nll
 
-METRICS = ("loss", "accuracy", "hallucination", "rougeL", "gen_len", "length_ratio", "repeat4")
+# Rates (0/1 per record): binomial standard errors.
+RATE_METRICS = ("accuracy", "accuracy_flexible", "hallucination", "stated", "acc_norm", "truncated")
+# Means of per-record figures: bootstrap standard errors.
+MEAN_METRICS = ("rougeL", "gen_len", "length_ratio", "repeat4")
+METRICS = ("loss", *RATE_METRICS, *MEAN_METRICS)
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_RESAMPLES = 1000
 
 
 @torch.no_grad()
@@ -35,63 +50,125 @@ def reference_losses(
     return out
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def budget(cfg: EvalConfig, record: Record) -> int:
+    """The record's generation budget: its domain's override, else `max_new_tokens`."""
+    return cfg.max_new_tokens_per_domain.get(record.domain, cfg.max_new_tokens)
 
 
-def score_records(records: Sequence[Record], responses: Sequence[str], code_timeout: float) -> list[dict[str, float]]:
-    """Per-record figures from generated responses (keys absent where a metric does not apply)."""
+def _score_one(record: Record, response: str, code_timeout: float, answer_regex: str,
+               finished: bool | None) -> tuple[dict[str, float], dict[str, Any]]:
+    """(figures, extras for the prediction row) of one generated response."""
     from fedsdr import scoring
 
-    rows = []
-    for record, response in zip(records, responses, strict=True):
-        words = scoring.word_count(response)
-        row: dict[str, float] = {
-            "gen_len": float(words),
-            "length_ratio": words / max(1, scoring.word_count(record.output)),
-            "repeat4": scoring.repeated_ngram_rate(response, 4),
-        }
-        if record.verifiable:
-            row["accuracy"] = float(bool(scoring.score(record, response, timeout=code_timeout)))
-            row["hallucination"] = float(bool(scoring.states_wrong_answer(record, response)))
-        else:
-            row["rougeL"] = scoring.rouge_l(response, record.output)
-        rows.append(row)
-    return rows
+    words = scoring.word_count(response)
+    row: dict[str, float] = {
+        "gen_len": float(words),
+        "length_ratio": words / max(1, scoring.word_count(record.output)),
+        "repeat4": scoring.repeated_ngram_rate(response, 4),
+    }
+    if finished is not None:
+        row["truncated"] = float(not finished)
+    extras: dict[str, Any] = {}
+    result = scoring.score_response(record, response, timeout=code_timeout, answer_regex=answer_regex)
+    if result is not None:
+        row.update(result.figures())
+        if record.scorer != "humaneval":  # a code record's "answer" is the response itself
+            extras = {"stated_answer": result.answer, "stated_answer_flexible": result.answer_flexible}
+    else:
+        row["rougeL"] = scoring.rouge_l(response, record.output)
+    return row, extras
+
+
+def score_records(
+    records: Sequence[Record], responses: Sequence[str], code_timeout: float, *,
+    answer_regex: str = "", finished: Sequence[bool] | None = None,
+) -> list[dict[str, float]]:
+    """Per-record figures from generated responses (keys absent where a metric does not apply):
+    gen_len, length_ratio, repeat4, truncated (when `finished` is given), and accuracy,
+    accuracy_flexible, hallucination, stated (verifiable) or rougeL (open-ended)."""
+    flags: Sequence[bool | None] = finished if finished is not None else [None] * len(records)
+    return [
+        _score_one(record, response, code_timeout, answer_regex, done)[0]
+        for record, response, done in zip(records, responses, flags, strict=True)
+    ]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _aggregate(rows: list[dict[str, float]], losses: list[tuple[float, int]]) -> dict[str, float]:
+    """Figures and their standard errors over a set of records."""
+    from fedsdr.stats import binomial_se, bootstrap_se
+
     result: dict[str, float] = {"num_examples": float(len(losses))}
     tokens = sum(n for _, n in losses)
     if tokens:
-        result["loss"] = sum(s for s, _ in losses) / tokens
-        result["perplexity"] = math.exp(min(50.0, result["loss"]))
-    for key in METRICS[1:]:
-        value = _mean([r[key] for r in rows if key in r])
-        if value is not None:
-            result[key] = value
+        loss = sum(s for s, _ in losses) / tokens
+        loss_se = bootstrap_se([s for s, _ in losses], denominators=[n for _, n in losses],
+                               seed=BOOTSTRAP_SEED, resamples=BOOTSTRAP_RESAMPLES)
+        result["loss"], result["loss_se"] = loss, loss_se
+        result["perplexity"] = math.exp(min(50.0, loss))
+        result["perplexity_se"] = result["perplexity"] * loss_se  # delta method
+    for key in RATE_METRICS:
+        values = [r[key] for r in rows if key in r]
+        if values:
+            result[key] = _mean(values)
+            result[f"{key}_se"] = binomial_se(result[key], len(values))
+    for key in MEAN_METRICS:
+        values = [r[key] for r in rows if key in r]
+        if values:
+            result[key] = _mean(values)
+            result[f"{key}_se"] = bootstrap_se(values, seed=BOOTSTRAP_SEED, resamples=BOOTSTRAP_RESAMPLES)
     return result
 
 
-def evaluate_records(
+def evaluate_with_predictions(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], cfg: EvalConfig, *,
     autocast: Callable, system_prompt: str = "", seed: int = 0, progress: str | None = None,
-) -> dict[str, dict[str, float]]:
-    """Figures overall (key "all") and per domain (key = domain name)."""
+) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    """(figures overall (key "all") and per domain, one prediction row per record).
+
+    A prediction row (JSON-ready, in the order of `records`): id, domain, scorer, prompt (the
+    user turn), response (generated text; for a multiple-choice record the chosen choice; None
+    when nothing was generated), reference (the record's output), answer, loss (per token) and
+    tokens, every per-record figure (accuracy, hallucination, ... as 0/1 or values), and
+    stated_answer / stated_answer_flexible, new_tokens and budget (generation) or choices,
+    choice_index, pred, pred_norm, choice_logprobs (multiple choice).
+    """
     if not records:
-        return {}
+        return {}, []
     losses = reference_losses(model, tokenizer, records, autocast=autocast, system_prompt=system_prompt)
     rows: list[dict[str, float]] = [{} for _ in records]
-    if cfg.generate:
-        from fedsdr.generation import generate
+    extras: list[dict[str, Any]] = [{"response": None} for _ in records]
+    choice_idx = [i for i, r in enumerate(records) if r.is_choice]
+    if choice_idx:  # log-likelihood ranking: cheap, no generation, so scored even without `generate`
+        from fedsdr.choice import choice_scores
 
-        prompts = [chat_messages(r, system_prompt) for r in records]
+        scores = choice_scores(model, tokenizer, [records[i] for i in choice_idx], autocast=autocast,
+                               system_prompt=system_prompt, batch_size=cfg.batch_size)
+        for i, found in zip(choice_idx, scores, strict=True):
+            record = records[i]
+            assert record.choices is not None
+            # No strict/flexible distinction in a ranking: both accuracies are `acc`.
+            rows[i] = {"accuracy": found["acc"], "accuracy_flexible": found["acc"], "acc_norm": found["acc_norm"]}
+            extras[i] = {"response": record.choices[found["pred"]], "choices": list(record.choices),
+                         "choice_index": record.choice_index, "pred": found["pred"],
+                         "pred_norm": found["pred_norm"], "choice_logprobs": found["choice_logprobs"]}
+    gen_idx = [i for i, r in enumerate(records) if not r.is_choice] if cfg.generate else []
+    if gen_idx:
+        from fedsdr.generation import generate_detailed
+
+        budgets = [budget(cfg, records[i]) for i in gen_idx]
+        prompts = [chat_messages(records[i], system_prompt) for i in gen_idx]
         with autocast():
-            responses = generate(
-                model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+            outputs = generate_detailed(
+                model, tokenizer, prompts, max_new_tokens=budgets, batch_size=cfg.batch_size,
                 seed=seed, progress=progress,
             )
-        rows = score_records(records, responses, cfg.code_timeout)
+        for i, out, limit in zip(gen_idx, outputs, budgets, strict=True):
+            rows[i], more = _score_one(records[i], out.text, cfg.code_timeout, cfg.answer_regex, out.finished)
+            extras[i] = {"response": out.text, **more, "new_tokens": out.num_tokens, "budget": limit}
     by_domain: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         by_domain[r.domain].append(i)
@@ -99,6 +176,26 @@ def evaluate_records(
     for domain in sorted(by_domain):
         idx = by_domain[domain]
         result[domain] = _aggregate([rows[i] for i in idx], [losses[i] for i in idx])
+    predictions = []
+    for i, record in enumerate(records):
+        nll, n = losses[i]
+        predictions.append({
+            "id": record.id, "domain": record.domain, "scorer": record.scorer, "prompt": record.prompt,
+            "reference": record.output, "answer": record.answer,
+            "loss": nll / n if n else None, "tokens": n, **extras[i], **rows[i],
+        })
+    return result, predictions
+
+
+def evaluate_records(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], cfg: EvalConfig, *,
+    autocast: Callable, system_prompt: str = "", seed: int = 0, progress: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Figures overall (key "all") and per domain (key = domain name); see
+    `evaluate_with_predictions` for the per-record rows as well."""
+    result, _ = evaluate_with_predictions(
+        model, tokenizer, records, cfg, autocast=autocast, system_prompt=system_prompt, seed=seed, progress=progress,
+    )
     return result
 
 

@@ -1,7 +1,7 @@
 """`fedsdr export`: a run's adapters as standard PEFT folders (and optionally a merged model).
 
     OUT/<global adapter>/   the global adapter ("default"; FedSDR: "rectify" = LoRA-R)
-    OUT/smooth/             FedSDR with --client K: that client's LoRA-S
+    OUT/<local adapter>/    with --client K: that client's local adapters (FedSDR: "smooth" = LoRA-S)
     OUT/merged/             with --merge: base + adapters merged, a plain transformers model
 
 Load with plain PEFT:
@@ -26,15 +26,6 @@ def _copy_adapter(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, tmp / name)
 
 
-def find_smooth(run: RunDir, client: int, server_round: int) -> Path:
-    """The client's LoRA-S as it was after `server_round` (its last participation up to then)."""
-    for r in range(server_round, 0, -1):
-        folder = run.client_dir(client) / "smooth" / f"round-{r:03d}"
-        if (folder / "adapter_model.safetensors").exists():
-            return folder
-    raise FileNotFoundError(f"{run.client_dir(client)}: no LoRA-S saved up to round {server_round}")
-
-
 def export_run(run_dir: Path, out: Path, server_round: int | None = None, client: int | None = None,
                merge: bool = False) -> Path:
     run = RunDir(run_dir)
@@ -43,12 +34,18 @@ def export_run(run_dir: Path, out: Path, server_round: int | None = None, client
     checkpoint = run.checkpoint_dir(server_round)
     if not (checkpoint / "adapter_model.safetensors").exists():
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint for round {server_round}")
-    specs = get_algorithm(cfg.federation.algorithm).adapters(cfg)
-    folders = {specs[0].name: checkpoint}
+    algorithm = get_algorithm(cfg)
+    folders = {algorithm.global_adapter: checkpoint}
     if client is not None:
-        if len(specs) < 2:
-            raise ValueError(f"--client: {cfg.federation.algorithm} has no local adapter; only FedSDR does")
-        folders[specs[1].name] = find_smooth(run, client, server_round)
+        local = algorithm.local_adapters(cfg)
+        if not local:
+            raise ValueError(f"--client: {cfg.federation.algorithm} keeps no local adapter on its clients")
+        for spec in local:  # each as the client left it after its last round up to `server_round`
+            folder = run.client(client).last_adapter(spec.name, server_round)
+            if folder is None:
+                raise FileNotFoundError(f"{run.client(client).root}: no {spec.name} adapter saved up to "
+                                        f"round {server_round}")
+            folders[spec.name] = folder
     out = Path(out)
     for name, src in folders.items():
         _copy_adapter(src, out / name)

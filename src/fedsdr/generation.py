@@ -280,6 +280,6 @@ def _budgets(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
 
 def _progress_bar(description: str | None, total: int):  # noqa: ANN202
     """A bar over records in the shared progress display (a no-op outside one)."""
-    from fedsdr import progress
+    from fedsdr.console import task
 
-    return progress.task(description, total)
+    return task(description, total)

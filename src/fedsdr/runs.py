@@ -1,10 +1,14 @@
-"""A run's output folder: resolved config, metrics.jsonl, summary.json, checkpoints.
+"""The on-disk layout of a run and of a client's disk; the one module that formats these paths.
 
-    OUT/config.json               the resolved config
-    OUT/metrics.jsonl             one JSON object per line (round, scope, kind, figures)
-    OUT/summary.json              final figures
-    OUT/checkpoints/round-NNN/    global adapter (PEFT folder) + server state, written atomically
-    OUT/clients/client-K/         simulated clients' own disks (LoRA-S, distilled data)
+    OUT/config.json                    the resolved config
+    OUT/metrics.jsonl                  one JSON object per line (round, scope, kind, figures)
+    OUT/summary.json                   final figures
+    OUT/checkpoints/round-NNN/         global adapter (PEFT folder) + server state, written atomically
+    OUT/clients/client-K/              a simulated client's own disk (`ClientDir`):
+        <adapter>/round-NNN/               a local adapter (FedSDR's LoRA-S) after round NNN (PEFT folder)
+        distill/round-NNN.jsonl            the distilled set rewritten by the model of round NNN
+        distill/round-NNN.diagnostics.json its diagnostics
+A deployed SuperNode's `state-dir` is laid out like one `clients/client-K/` folder.
 """
 
 from __future__ import annotations
@@ -12,13 +16,55 @@ from __future__ import annotations
 import json
 import math
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedsdr.config import RunConfig, config_from_json
 from fedsdr.io import write_json_atomic, write_text_atomic
 
-CHECKPOINT = "round-{:03d}"
+
+def client_name(client_id: int) -> str:
+    """A client's folder name, and its `scope` in metrics rows."""
+    return f"client-{client_id}"
+
+
+def round_name(server_round: int) -> str:
+    return f"round-{server_round:03d}"
+
+
+def _round_of(folder: Path) -> int | None:
+    name = folder.name
+    return int(name[6:]) if name.startswith("round-") and name[6:].isdigit() else None
+
+
+@dataclass(frozen=True)
+class ClientDir:
+    """One client's own disk: its local adapters per round and its distilled sets."""
+
+    root: Path
+
+    @classmethod
+    def under(cls, clients_root: Path, client_id: int) -> ClientDir:
+        return cls(Path(clients_root) / client_name(client_id))
+
+    def adapter(self, name: str, server_round: int) -> Path:
+        """Local adapter `name` as it was after `server_round` (a PEFT folder)."""
+        return self.root / name / round_name(server_round)
+
+    def last_adapter(self, name: str, up_to_round: int) -> Path | None:
+        """The latest saved copy of local adapter `name` from a round <= `up_to_round`."""
+        for r in range(up_to_round, 0, -1):
+            if (self.adapter(name, r) / "adapter_model.safetensors").exists():
+                return self.adapter(name, r)
+        return None
+
+    def distilled_set(self, source_round: int) -> Path:
+        """The distilled set rewritten by the model of `source_round` (0: the base model)."""
+        return self.root / "distill" / f"{round_name(source_round)}.jsonl"
+
+    def distill_diagnostics(self, source_round: int) -> Path:
+        return self.distilled_set(source_round).with_suffix(".diagnostics.json")
 
 
 def _clean(value: Any) -> Any:
@@ -79,20 +125,21 @@ class RunDir:
 
     # checkpoints ------------------------------------------------------------
     def checkpoint_dir(self, server_round: int) -> Path:
-        return self.checkpoints / CHECKPOINT.format(server_round)
+        return self.checkpoints / round_name(server_round)
 
     def last_checkpoint(self) -> int:
         """The last complete round (0 when none)."""
         if not self.checkpoints.exists():
             return 0
         rounds = [
-            int(p.name.split("-")[1]) for p in self.checkpoints.glob("round-*")
-            if p.is_dir() and (p / "adapter_model.safetensors").exists() and (p / "server_state.pkl").exists()
+            _round_of(p) for p in self.checkpoints.glob("round-*")
+            if _round_of(p) is not None and (p / "adapter_model.safetensors").exists()
+            and (p / "server_state.pkl").exists()
         ]
         return max(rounds, default=0)
 
-    def client_dir(self, client_id: int) -> Path:
-        return self.clients / f"client-{client_id}"
+    def client(self, client_id: int) -> ClientDir:
+        return ClientDir.under(self.clients, client_id)
 
 
 def save_server_state(folder: Path, state: dict[str, Any]) -> None:

@@ -1,7 +1,23 @@
 """Scorers for verifiable records and text metrics for open-ended ones.
 
-`score(record, response)` dispatches on `record.scorer` through the `SCORERS` registry; add an
-entry there (a callable `(record, response, timeout) -> bool`) to support a new answer format.
+One extraction decides what a response states: `stated_answer(record, response, mode)`.
+
+- strict: an explicit final answer only: the last `Answer:` / `Final answer:` line, `\\boxed{}`,
+  a GSM-style `#### X` line, "the answer is X", or a response that is nothing but one short
+  line (the terse tasks ask for the answer alone). With `answer_regex`, the regex's group
+  instead (its last match).
+- flexible: the strict answer, else (like lm-eval's GSM8K flexible-extract) the last number of
+  the response for numeric records and the last non-empty line for the others.
+
+Per record (`score_response`): `accuracy` = the strict answer is right, `accuracy_flexible` =
+the flexible answer is right (>= accuracy), `stated` = a strict answer exists, and
+`hallucination` = a strict answer is stated and wrong. Accuracy and hallucination therefore
+rest on the same extraction: formatting moves `stated`, not the hallucination verdict alone.
+
+`SCORERS` maps a scorer name to a callable `(record, answer, timeout) -> bool` that judges a
+stated answer (the text `stated_answer` extracted; for "humaneval" the whole response); add an
+entry to support a new answer format. Multiple-choice records ("choice") are scored by
+log-likelihood in `fedsdr.choice`; their text scorer here accepts the choice's text or letter.
 """
 
 from __future__ import annotations
@@ -13,14 +29,16 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fedsdr.data.schema import Record
+from fedsdr.data.schema import CHOICE_SCORER, Record
 
 Scorer = Callable[[Record, str, float], bool]
+Mode = Literal["strict", "flexible"]
 
 # ---------------------------------------------------------------------------
 # Final-answer extraction
@@ -158,7 +176,60 @@ def _numbers_equal(a: float, b: float) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Scorers
+# The stated answer (one extraction for accuracy and hallucination)
+# ---------------------------------------------------------------------------
+
+
+def _regex_answer(text: str, answer_regex: str) -> str | None:
+    """Group 1 of the last match of a user's answer regex, cleaned; None when it never matches."""
+    matches = list(re.finditer(answer_regex, text))
+    if not matches or matches[-1].group(1) is None:
+        return None
+    return _clean_answer(matches[-1].group(1))
+
+
+def _last_number_text(text: str) -> str | None:
+    """The last number of a text as written (the candidate `last_number` would parse)."""
+    for candidate in reversed(_NUMBER.findall(text.replace("−", "-"))):
+        if parse_number(candidate) is not None:
+            return candidate
+    return None
+
+
+def _has_number(text: str) -> bool:
+    return parse_number(text) is not None or last_number(text) is not None
+
+
+def stated_answer(record: Record, response: str, mode: Mode = "strict", *, answer_regex: str = "") -> str | None:
+    """The final answer `response` states for `record`, or None when it states none.
+
+    strict: explicit markers only (see the module docstring), or `answer_regex`'s group when
+    given. flexible: the strict answer, else the built-in markers (when a regex is set), else
+    the last number (numeric records; also when the strict answer holds no number) or the last
+    non-empty line (other scorers). HumanEval: the whole response when it contains code
+    (a fence or a python statement line), in both modes.
+    """
+    if mode not in ("strict", "flexible"):
+        raise ValueError(f"mode must be 'strict' or 'flexible', got {mode!r}")
+    if record.scorer == "humaneval":
+        return response if contains_code(response) else None
+    strict = _regex_answer(response, answer_regex) if answer_regex else extract_final_answer(response)
+    if mode == "strict":
+        return strict
+    if strict is None and answer_regex:
+        strict = extract_final_answer(response)
+    if record.scorer == "numeric":
+        if strict is not None and _has_number(strict):
+            return strict
+        return _last_number_text(response)
+    if strict is not None:
+        return strict
+    lines = [line for line in response.splitlines() if line.strip()]
+    return _clean_answer(lines[-1]) if lines else None
+
+
+# ---------------------------------------------------------------------------
+# Scorers: each judges a stated answer
 # ---------------------------------------------------------------------------
 
 
@@ -168,25 +239,20 @@ def _require_answer(record: Record) -> str:
     return record.answer
 
 
-def score_exact(record: Record, response: str, timeout: float = 5.0) -> bool:
-    """Normalised string equality of the extracted answer and `record.answer`."""
-    reference = _require_answer(record)
-    stated = extract_final_answer(response)
-    return stated is not None and normalize_text(stated) == normalize_text(reference)
+def score_exact(record: Record, answer: str, timeout: float = 5.0) -> bool:
+    """Normalised string equality (case, whitespace, end punctuation) of a stated answer."""
+    return normalize_text(answer) == normalize_text(_require_answer(record))
 
 
-def score_numeric(record: Record, response: str, timeout: float = 5.0) -> bool:
-    """Numeric equality (rel tol 1e-6) of the stated answer, else the last number, to the answer."""
+def score_numeric(record: Record, answer: str, timeout: float = 5.0) -> bool:
+    """Numeric equality (rel tol 1e-6) of a stated answer (the whole text as a number, else its
+    last number: "1,234 dollars") to the record's answer."""
     reference = parse_number(_require_answer(record))
     if reference is None:
         raise ValueError(f"record {record.id!r}: answer {record.answer!r} is not a number")
-    stated = extract_final_answer(response)
-    if stated is not None:
-        value = parse_number(stated)
-        if value is None:
-            value = last_number(stated)
-    else:
-        value = last_number(response)
+    value = parse_number(answer)
+    if value is None:
+        value = last_number(answer)
     return value is not None and _numbers_equal(value, reference)
 
 
@@ -200,24 +266,30 @@ def _rg_score_fn(task: str) -> Callable[[str | None, dict[str, Any]], float]:
     return dataset_cls(config=config_cls()).score_answer
 
 
-def score_reasoning_gym(record: Record, response: str, timeout: float = 5.0) -> bool:
-    """Score with the reasoning-gym dataset's own `score_answer` (full marks = correct)."""
+def score_reasoning_gym(record: Record, answer: str, timeout: float = 5.0) -> bool:
+    """The reasoning-gym dataset's own `score_answer` on a stated answer (full marks = correct;
+    partial credit is wrong). Strict: markers or a one-line reply; flexible adds the last line."""
     task = record.meta.get("rg_task")
     entry = record.meta.get("entry")
     if not task or not isinstance(entry, dict):
         raise ValueError(f"record {record.id!r}: reasoning_gym scorer needs meta rg_task and entry")
-    stated = extract_final_answer(response)
-    if stated is None:
-        non_empty = [line.strip() for line in response.splitlines() if line.strip()]
-        stated = non_empty[0] if len(non_empty) == 1 else None
-    if stated is None:
-        return False
     entry = json.loads(json.dumps(entry))  # a private copy: scorers may mutate it
     try:
-        value = _rg_score_fn(task)(stated, entry)
+        value = _rg_score_fn(task)(answer, entry)
     except Exception:  # a malformed answer must not crash an evaluation
         return False
     return value is not None and float(value) >= 1.0 - 1e-9
+
+
+def score_choice(record: Record, answer: str, timeout: float = 5.0) -> bool:
+    """A generated answer to a multiple-choice record: the right choice's text or its letter."""
+    index = record.choice_index
+    if index is None or record.choices is None:
+        raise ValueError(f"record {record.id!r}: scorer 'choice' needs choices")
+    if normalize_text(answer) == normalize_text(record.choices[index]):
+        return True
+    letter = answer.strip().strip("().:").strip().upper()
+    return len(letter) == 1 and ord(letter) - ord("A") == index
 
 
 _FENCE = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
@@ -261,7 +333,9 @@ def humaneval_program(record: Record, response: str) -> str:
 
 
 def score_humaneval(record: Record, response: str, timeout: float = 5.0) -> bool:
-    """Run the record's unit tests on the response's code in an isolated subprocess."""
+    """Run the record's unit tests on the response's code in an isolated subprocess (a run past
+    `timeout` seconds fails). The stated "answer" of a code record is the response itself when it
+    contains code; both modes agree, so the tests run once per response."""
     program = humaneval_program(record, response)
     with tempfile.TemporaryDirectory(prefix="fedsdr-he-") as tmp:
         path = Path(tmp) / "program.py"
@@ -286,34 +360,120 @@ SCORERS: dict[str, Scorer] = {
     "numeric": score_numeric,
     "reasoning_gym": score_reasoning_gym,
     "humaneval": score_humaneval,
+    CHOICE_SCORER: score_choice,
 }
 
 
-def score(record: Record, response: str, timeout: float = 5.0) -> bool | None:
-    """Whether `response` is correct for a verifiable record; None for open-ended records."""
-    if record.scorer is None:
-        return None
-    scorer = SCORERS.get(record.scorer)
+def _scorer(record: Record) -> Scorer:
+    scorer = SCORERS.get(record.scorer or "")
     if scorer is None:
         known = ", ".join(sorted(SCORERS))
         raise ValueError(f"unknown scorer {record.scorer!r} (known scorers: {known})")
-    return bool(scorer(record, response, timeout))
+    return scorer
 
 
-def states_wrong_answer(record: Record, response: str, timeout: float = 5.0) -> bool | None:
-    """Hallucination: the response states a final answer (or code) and it is wrong.
-
-    None for open-ended records.
-    """
+def score(
+    record: Record, response: str, timeout: float = 5.0, *, mode: Mode = "flexible", answer_regex: str = ""
+) -> bool | None:
+    """Whether `response` is correct for a verifiable record (its `mode` answer is right); None for
+    open-ended records. The default, flexible, accepts a right answer however it is written."""
     if record.scorer is None:
         return None
-    if record.scorer == "humaneval":
-        stated = contains_code(response)
+    scorer = _scorer(record)
+    stated = stated_answer(record, response, mode, answer_regex=answer_regex)
+    return stated is not None and bool(scorer(record, stated, timeout))
+
+
+@dataclass(frozen=True)
+class ResponseScore:
+    """How one response fares on a verifiable record (see the module docstring)."""
+
+    answer: str | None  # the strict stated answer
+    answer_flexible: str | None
+    accuracy: bool  # the strict answer is right
+    accuracy_flexible: bool  # the flexible answer is right
+
+    @property
+    def stated(self) -> bool:
+        return self.answer is not None
+
+    @property
+    def hallucination(self) -> bool:
+        """A final answer is stated (strict) and it is wrong."""
+        return self.stated and not self.accuracy
+
+    def figures(self) -> dict[str, float]:
+        """accuracy, accuracy_flexible, hallucination, stated as 0/1 floats."""
+        return {
+            "accuracy": float(self.accuracy),
+            "accuracy_flexible": float(self.accuracy_flexible),
+            "hallucination": float(self.hallucination),
+            "stated": float(self.stated),
+        }
+
+
+def score_response(
+    record: Record, response: str, *, timeout: float = 5.0, answer_regex: str = ""
+) -> ResponseScore | None:
+    """Strict and flexible verdicts of one response from one extraction per mode (the scorer
+    runs at most twice, once when both modes state the same answer: code tests run once).
+    None for open-ended records."""
+    if record.scorer is None:
+        return None
+    scorer = _scorer(record)
+    strict = stated_answer(record, response, "strict", answer_regex=answer_regex)
+    flexible = stated_answer(record, response, "flexible", answer_regex=answer_regex)
+    correct = strict is not None and bool(scorer(record, strict, timeout))
+    if flexible == strict:
+        correct_flexible = correct
     else:
-        stated = extract_final_answer(response) is not None
-    if not stated:
-        return False
-    return not score(record, response, timeout)
+        correct_flexible = flexible is not None and bool(scorer(record, flexible, timeout))
+    return ResponseScore(strict, flexible, correct, correct_flexible or correct)
+
+
+def states_wrong_answer(
+    record: Record, response: str, timeout: float = 5.0, *, answer_regex: str = ""
+) -> bool | None:
+    """Hallucination: the response states a final answer (strict; code for HumanEval) and it is
+    wrong. None for open-ended records."""
+    result = score_response(record, response, timeout=timeout, answer_regex=answer_regex)
+    return None if result is None else result.hallucination
+
+
+def _excerpt(text: str, width: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else "..." + flat[-width:]
+
+
+def reference_self_check(
+    records: Sequence[Record], *, answer_regex: str = "", timeout: float = 5.0
+) -> dict[str, dict[str, Any]]:
+    """Score each verifiable record's own reference `output` against its `answer` (strict, as
+    evaluation does); HumanEval and multiple-choice records are skipped. Per domain:
+    {"checked": n, "failed": k, "failed_flexible": k2, "example": "<id>: <reference excerpt>"}
+    (example: the first failure, "" when none). A scorer error counts as a failure."""
+    out: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record.scorer is None or record.scorer in ("humaneval", CHOICE_SCORER):
+            continue
+        entry = out.setdefault(record.domain, {"checked": 0, "failed": 0, "failed_flexible": 0, "example": ""})
+        entry["checked"] += 1
+        problem = None
+        try:
+            result = score_response(record, record.output, timeout=timeout, answer_regex=answer_regex)
+            assert result is not None
+            ok, ok_flexible = result.accuracy, result.accuracy_flexible
+        except ValueError as e:
+            ok = ok_flexible = False
+            problem = str(e)
+        if not ok:
+            entry["failed"] += 1
+            if not entry["example"]:
+                detail = problem or f"{_excerpt(record.output)!r} (answer {record.answer!r})"
+                entry["example"] = f"{record.id}: {detail}"
+        if not ok_flexible:
+            entry["failed_flexible"] += 1
+    return out
 
 
 # ---------------------------------------------------------------------------

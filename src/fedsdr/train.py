@@ -118,24 +118,184 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
-def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+# Target positions per lm_head chunk: the chunk's logits (LOSS_CHUNK x vocabulary) are the
+# only vocabulary-sized tensors the loss holds at a time (~50 MB in fp32 for SmolLM2's 49152).
+LOSS_CHUNK = 256
+
+
+def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable, *,
+              chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token NLL per position [B, T-1] (0 where the label is ignored) and the target mask."""
+    nll, mask = _target_nll(model, batch, autocast, chunk)
+    return nll.new_zeros(mask.shape).masked_scatter(mask, nll), mask
+
+
+def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable, *,
+                  chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over response tokens, and their count."""
+    nll, mask = _target_nll(model, batch, autocast, chunk)
+    return nll.sum(), int(mask.sum())
+
+
+def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable, chunk: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL (fp32) of every scored next token, in row-major order of the mask
+    `labels[:, 1:] != -100` [B, T-1], and that mask.
+
+    The vocabulary projection runs only at those positions: the decoder body gives the last
+    hidden states, the ones whose next token is scored are gathered and projected through the
+    output embedding `chunk` rows at a time in the compute dtype, each chunk upcast to fp32
+    only inside its log-softmax. Models without a separable decoder body take the full
+    forward, and only the scored rows of its logits are upcast.
+    """
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
+    mask = batch["labels"][:, 1:] != IGNORE
+    targets = batch["labels"][:, 1:][mask]
+    parts = _decoder_and_head(model, batch)
     with autocast():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+        if parts is None:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
+            return _chunked_nll(logits[:, :-1][mask], targets, None, chunk), mask
+        body, head = parts
+        out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return _chunked_nll(hidden[:, :-1][mask], targets, head, chunk), mask
+
+
+def _chunked_nll(rows: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module | None, chunk: int
+                 ) -> torch.Tensor:
+    """NLL per row. `rows` are hidden states projected by `head`, or logits when head is None."""
+    if head is None:
+        return torch.cat([
+            -torch.log_softmax(rows[s:s + chunk], dim=-1, dtype=torch.float32)
+            .gather(1, targets[s:s + chunk, None]).squeeze(1)
+            for s in range(0, len(rows), chunk)
+        ]) if len(rows) else rows.new_zeros(0, dtype=torch.float32)
+    weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
+    if type(head) is torch.nn.Linear and not head.weight.requires_grad and (bias is None or not bias.requires_grad):
+        # A frozen plain linear head (every LoRA setup that leaves lm_head alone): the gradient
+        # of each row is computed with its chunk, nothing vocabulary-sized is kept for backward.
+        return _FrozenHeadNLL.apply(rows, weight, bias, targets, chunk)
+    # Any other head (a LoRA on lm_head, a trainable head): each chunk under checkpoint, so
+    # backward recomputes the chunk's logits instead of keeping them all.
+    from torch.utils.checkpoint import checkpoint
+
+    def nll_of(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -torch.log_softmax(head(h), dim=-1, dtype=torch.float32).gather(1, t[:, None]).squeeze(1)
+
+    grad = torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in head.parameters()))
+    parts = [
+        checkpoint(nll_of, rows[s:s + chunk], targets[s:s + chunk], use_reentrant=False) if grad
+        else nll_of(rows[s:s + chunk], targets[s:s + chunk])
+        for s in range(0, len(rows), chunk)
+    ]
+    return torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
+
+
+class _FrozenHeadNLL(torch.autograd.Function):
+    """-log softmax(h W^T + b)[target] per row, for a frozen W, in chunks of rows.
+
+    Forward computes, chunk by chunk, the NLL and (when `h` needs a gradient) d NLL / d h =
+    (softmax - onehot) W, which is all backward needs: it scales each row by its incoming
+    gradient. No chunk's logits outlive the chunk, and nothing is recomputed. Matmuls run
+    in the ambient autocast dtype; the log-softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # noqa: ANN001
+                targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device) and weight.is_floating_point():
+            weight = weight.to(torch.get_autocast_dtype(device))  # cast once, not per chunk
+            bias = bias.to(weight.dtype) if bias is not None else None
+        need_grad = ctx.needs_input_grad[0]
+        nll = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if need_grad else None
+        for s in range(0, len(hidden), chunk):
+            t = targets[s:s + chunk]
+            logits = torch.nn.functional.linear(hidden[s:s + chunk], weight, bias)
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            del logits
+            nll[s:s + chunk] = -logp.gather(1, t[:, None]).squeeze(1)
+            if need_grad:
+                p = logp.exp_()
+                p[torch.arange(len(t), device=p.device), t] -= 1.0
+                grad[s:s + chunk] = (p.to(weight.dtype) @ weight).to(grad.dtype)
+            del logp
+        ctx.save_for_backward(grad if need_grad else None)
+        return nll
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_nll: torch.Tensor):  # noqa: ANN001, ANN205
+        (grad,) = ctx.saved_tensors
+        grad_hidden = grad * grad_nll[:, None].to(grad.dtype) if grad is not None else None
+        return grad_hidden, None, None, None, None
+
+
+def _decoder_and_head(model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                      ) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder body, output embedding) when the model's logits are exactly
+    `output_embedding(body(...).last_hidden_state)`, else None (then the full forward is used).
+
+    Works for a PeftModel with LoRA-style adapters (the adapters sit inside the modules, so
+    calling the inner body applies them) and for a plain Hugging Face causal LM. Checked once
+    per model on a few tokens of the first batch, against the model's own forward: models that
+    scale or soft-cap the logits, or wrap the forward otherwise, fall back.
+    """
+    base = model
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        config = getattr(model, "active_peft_config", None)
+        if config is None or config.is_prompt_learning or getattr(config, "alora_invocation_tokens", None):
+            return None
+        base = model.get_base_model()
+    get_decoder, get_head = getattr(base, "get_decoder", None), getattr(base, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    try:
+        body, head = get_decoder(), get_head()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    if body is None or head is None or body is base or not isinstance(head, torch.nn.Module):
+        return None
+    config = getattr(base, "config", None)
+    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_TRANSFORMS):
+        return None  # logits scaled or soft-capped after the head (Gemma 2/3, Cohere, Granite...)
+    verdict = base.__dict__.get("_fedsdr_hidden_positions_ok")
+    if verdict is None:
+        verdict = _same_logits(model, body, head, batch)
+        base.__dict__["_fedsdr_hidden_positions_ok"] = verdict
+    return (body, head) if verdict else None
+
+
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_softcapping", "logit_scale", "logits_scaling",
+                     "logits_mup_width_multiplier", "output_multiplier_scale", "lm_head_multiplier")
+
+
+def _same_logits(model: torch.nn.Module, body: torch.nn.Module, head: torch.nn.Module,
+                 batch: dict[str, torch.Tensor]) -> bool:
+    """Does head(body(x).last_hidden_state) reproduce model(x).logits? (eval mode, no grad,
+    no autocast: the same operations give the same numbers; nothing draws random numbers)."""
+    n = min(16, batch["input_ids"].shape[1])
+    ids, attn = batch["input_ids"][:1, :n], batch["attention_mask"][:1, :n]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
+            out = body(input_ids=ids, attention_mask=attn, use_cache=False)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            ours = head(hidden).float()
+    except Exception:  # noqa: BLE001 -- an unusual model: use its own forward
+        return False
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return ours.shape == ref.shape and bool(
+        torch.allclose(ours, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max().clamp(min=1.0)))
     )
-    return nll, targets != IGNORE
-
-
-def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over response tokens, and their count."""
-    nll, mask = token_nll(model, batch, autocast)
-    return nll.sum(), int(mask.sum())
 
 
 @dataclass
@@ -154,25 +314,49 @@ class StepStats:
 
 @dataclass
 class Stream:
-    """One optimisation stream: its batches, the parameters it updates, its optimizer."""
+    """One optimisation stream: its batches, the parameters it updates, the optimizer that
+    steps them (its own, or one shared with another stream: see `share_optimizer`) and an
+    optional proximal anchor."""
 
     batches: Iterator[list[Example]]
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
-    lr_scale: float = 1.0
     stats: StepStats = field(default_factory=StepStats)
+    proximal_mu: float = 0.0
+    anchors: list[torch.Tensor] = field(default_factory=list)
+
+    def proximal_loss(self) -> torch.Tensor | None:
+        """FedProx's mu/2 * ||theta - theta_global||^2 over this stream's adapter, if mu > 0."""
+        if self.proximal_mu <= 0:
+            return None
+        return 0.5 * self.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(self.params, self.anchors, strict=True))
 
 
 def make_stream(
-    examples: Sequence[Example], params: list[torch.nn.Parameter], cfg: TrainConfig, seed: int, lr_scale: float = 1.0
+    examples: Sequence[Example], params: list[torch.nn.Parameter], cfg: TrainConfig, seed: int, *,
+    lr_scale: float = 1.0, proximal_mu: float = 0.0,
 ) -> Stream:
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return Stream(batches(examples, cfg.batch_size, seed, cfg.length_grouping), params, optimizer, lr_scale)
+    """A stream with its own AdamW; `proximal_mu` > 0 anchors it at the parameters' current
+    (global) values."""
+    optimizer = torch.optim.AdamW([{"params": params, "lr_scale": lr_scale}], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    return Stream(batches(examples, cfg.batch_size, seed, cfg.length_grouping), params, optimizer,
+                  proximal_mu=proximal_mu, anchors=anchors)
+
+
+def share_optimizer(first: Stream, second: Stream, cfg: TrainConfig, second_lr_scale: float) -> None:
+    """Give both streams one AdamW over both adapters (one param group each, keeping each
+    stream's learning-rate factor; the second's multiplied by `second_lr_scale`)."""
+    groups = [dict(first.optimizer.param_groups[0]), dict(second.optimizer.param_groups[0])]
+    groups[1]["lr_scale"] = groups[1]["lr_scale"] * second_lr_scale
+    shared = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    first.optimizer = second.optimizer = shared
 
 
 def _accumulate(
     model: torch.nn.Module, stream: Stream, cfg: TrainConfig, pad_id: int, autocast: Callable,
-    extra_loss: Callable[[], torch.Tensor] | None = None, weight: float = 1.0,
+    extra_loss: Callable[[], torch.Tensor | None] | None = None,
 ) -> float:
     """Forward/backward over `grad_accum` micro-batches; the loss is a token-level mean."""
     micro = [next(stream.batches) for _ in range(cfg.grad_accum)]
@@ -182,45 +366,52 @@ def _accumulate(
         loss_sum, _ = response_loss(model, collate(batch, pad_id), autocast)
         loss = loss_sum / max(1, n_targets)
         total += float(loss.detach())
-        (weight * loss).backward()
+        loss.backward()
         stream.stats.tokens += sum(len(e.input_ids) for e in batch)
     stream.stats.target_tokens += n_targets
-    if extra_loss is not None:
-        extra_loss().backward()
+    extra = extra_loss() if extra_loss is not None else None
+    if extra is not None:
+        extra.backward()
     return total
 
 
-def _apply(stream: Stream, cfg: TrainConfig, lr: float) -> None:
+def _apply(optimizer: torch.optim.Optimizer, cfg: TrainConfig, lr: float) -> None:
+    """Clip, set each group's learning rate (times its factor), step, clear gradients."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(stream.params, cfg.max_grad_norm)
-    for group in stream.optimizer.param_groups:
-        group["lr"] = lr * stream.lr_scale
-    stream.optimizer.step()
-    stream.optimizer.zero_grad(set_to_none=True)
-
-
-def proximal_term(params: Sequence[torch.nn.Parameter], anchors: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
-    """FedProx: mu/2 * ||theta - theta_global||^2 over the trained adapter."""
-    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def sft_steps(
     model: torch.nn.Module, stream: Stream, cfg: TrainConfig, *, steps: int, first_step: int, total_steps: int,
-    pad_id: int, autocast: Callable, proximal_mu: float = 0.0, on_step: Callable[[int, float], None] | None = None,
+    pad_id: int, autocast: Callable, on_step: Callable[[int, float], None] | None = None,
 ) -> StepStats:
-    """`steps` optimizer steps of supervised fine-tuning on one stream (FedAvg/FedProx/FedOpt clients)."""
+    """`steps` optimizer steps of supervised fine-tuning on one stream (single-adapter
+    algorithms; the stream's proximal term, if any, is FedProx's)."""
     model.train()
-    anchors = [p.detach().clone() for p in stream.params] if proximal_mu > 0 else []
-    prox = (lambda: proximal_term(stream.params, anchors, proximal_mu)) if proximal_mu > 0 else None
     start = time.perf_counter()
     for step in range(steps):
-        loss = _accumulate(model, stream, cfg, pad_id, autocast, extra_loss=prox)
-        _apply(stream, cfg, lr_at(cfg, first_step + step, total_steps))
+        loss = _accumulate(model, stream, cfg, pad_id, autocast, extra_loss=stream.proximal_loss)
+        _apply(stream.optimizer, cfg, lr_at(cfg, first_step + step, total_steps))
         stream.stats.losses.append(loss)
         if on_step:
             on_step(step, loss)
     stream.stats.seconds += time.perf_counter() - start
     return stream.stats
+
+
+def _backward_only_into(model: torch.nn.Module, stream: Stream, other: Stream, cfg: TrainConfig, *,
+                        pad_id: int, autocast: Callable) -> float:
+    """Forward/backward of one batch of `stream` with both adapters in the forward pass and
+    `other`'s adapter frozen, so the gradient reaches only this stream's adapter."""
+    with _frozen(other.params):
+        loss = _accumulate(model, stream, cfg, pad_id, autocast, extra_loss=stream.proximal_loss)
+    stream.stats.losses.append(loss)
+    return loss
 
 
 def stream_step(
@@ -229,10 +420,8 @@ def stream_step(
 ) -> float:
     """One optimizer step of `stream` with both adapters in the forward pass; `other`'s
     adapter is frozen for it, so this batch's loss changes only this stream's adapter."""
-    with _frozen(other.params):
-        loss = _accumulate(model, stream, cfg, pad_id, autocast)
-    _apply(stream, cfg, lr)
-    stream.stats.losses.append(loss)
+    loss = _backward_only_into(model, stream, other, cfg, pad_id=pad_id, autocast=autocast)
+    _apply(stream.optimizer, cfg, lr)
     return loss
 
 
@@ -242,11 +431,13 @@ def dual_stream_steps(
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[StepStats, StepStats]:
     """FedSDR local training. Both adapters are active in every forward pass; a distilled batch
-    updates only LoRA-S (`smooth`), a raw batch only LoRA-R (`rectify`).
+    updates only LoRA-S (`smooth`), a raw batch only LoRA-R (`rectify`), whose stream also
+    carries the server strategy's proximal term when it has one (FedProx).
 
     alternate:  each step, one distilled batch -> step S, then one raw batch -> step R.
-    joint:      one backward of L_distilled + lambda * L_raw; gradients reach S and R only from
-                their own stream, then both step.
+    joint:      L_distilled (gradient to S) + lambda * L_raw (gradient to R), one AdamW over both
+                adapters stepping once. AdamW is invariant to a loss scale, so lambda acts as R's
+                learning-rate factor: the step R takes is what lambda * L_raw gives under SGD.
     sequential: all S steps, then all R steps.
     """
     model.train()
@@ -270,17 +461,11 @@ def dual_stream_steps(
             if on_step:
                 on_step(step, loss)
     elif schedule == "joint":
+        share_optimizer(smooth, rectify, cfg, second_lr_scale=joint_lambda)
         for step in range(steps):
-            lr = lr_at(cfg, first_step + step, total_steps)
-            # L_distilled + lambda * L_raw with each term's gradient reaching only its own
-            # adapter: two backward passes, the other adapter frozen in each.
-            with _frozen(rectify.params):
-                smooth.stats.losses.append(_accumulate(model, smooth, cfg, pad_id, autocast))
-            with _frozen(smooth.params):
-                loss = _accumulate(model, rectify, cfg, pad_id, autocast, weight=joint_lambda)
-            rectify.stats.losses.append(loss)
-            _apply(smooth, cfg, lr)
-            _apply(rectify, cfg, lr)
+            _backward_only_into(model, smooth, rectify, cfg, pad_id=pad_id, autocast=autocast)
+            loss = _backward_only_into(model, rectify, smooth, cfg, pad_id=pad_id, autocast=autocast)
+            _apply(smooth.optimizer, cfg, lr_at(cfg, first_step + step, total_steps))
             if on_step:
                 on_step(step, loss)
     else:

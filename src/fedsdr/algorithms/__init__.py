@@ -1,23 +1,24 @@
-"""One module per algorithm: its client hook and its server strategy."""
+"""One module per algorithm: its client hook and its server strategy. The registry below is
+the only place that lists them."""
 
 from __future__ import annotations
 
-from fedsdr.algorithms.base import Algorithm, ClientSession, TrainResult, derive_seed
-from fedsdr.algorithms.fedavg import FedAvg
-from fedsdr.algorithms.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
-from fedsdr.algorithms.fedprox import FedProx
+from fedsdr.algorithms.aggregators import SINGLE_ADAPTER, server_strategy
+from fedsdr.algorithms.base import Algorithm, ClientSession, LocalState, TrainResult, derive_seed
 from fedsdr.algorithms.fedsdr import FedSDR
+from fedsdr.config import ConfigError, RunConfig
 
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedSDR)
-}
-
-
-def get_algorithm(name: str) -> Algorithm:
-    try:
-        return ALGORITHMS[name]()
-    except KeyError:
-        raise ValueError(f"federation.algorithm: unknown {name!r}; choose from {sorted(ALGORITHMS)}") from None
+ALGORITHMS: dict[str, type[Algorithm]] = {**SINGLE_ADAPTER, FedSDR.name: FedSDR}
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientSession", "TrainResult", "derive_seed", "get_algorithm"]
+def get_algorithm(cfg: RunConfig) -> Algorithm:
+    """The algorithm `federation.algorithm` names (its server strategy checked too)."""
+    name = cfg.federation.algorithm
+    if name not in ALGORITHMS:
+        raise ConfigError(f"federation.algorithm: unknown {name!r}; choose from {sorted(ALGORITHMS)}")
+    if cfg.federation.server_strategy not in SINGLE_ADAPTER:
+        server_strategy(cfg)  # raises the error that names the key
+    return ALGORITHMS[name]()
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "ClientSession", "LocalState", "TrainResult", "derive_seed", "get_algorithm"]

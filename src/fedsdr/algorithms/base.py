@@ -1,4 +1,10 @@
-"""What every algorithm shares: the client's local session and the algorithm interface."""
+"""What every algorithm shares: the client's local session and the algorithm interface.
+
+An `Algorithm` carries every algorithm-specific decision the ClientApp and the server need:
+which adapters exist and which one is aggregated, the client's local state (what it keeps
+between rounds, in memory and on its own disk), the models a client evaluates, the server
+strategy, and the local training. `fedsdr.federation` only calls these methods.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,19 @@ from transformers import PreTrainedTokenizerBase
 from fedsdr.config import RunConfig
 from fedsdr.data.partition import ClientData
 from fedsdr.data.schema import DataError, Record
-from fedsdr.models.adapters import AdapterSpec, AdapterState
+from fedsdr.models.adapters import (
+    AdapterSpec,
+    AdapterState,
+    fresh_adapter_state,
+    load_adapter_file,
+    save_peft_adapter,
+)
 from fedsdr.models.loading import Runtime
+from fedsdr.runs import ClientDir
 from fedsdr.train import Example, encode_all
+
+# Named tensors a client keeps between rounds (e.g. FedSDR's LoRA-S), never sent.
+LocalState = dict[str, AdapterState]
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -35,13 +51,11 @@ class ClientSession:
     tokenizer: PreTrainedTokenizerBase
     runtime: Runtime
     data: ClientData
-    state_dir: Path  # this client's own disk: its LoRA-S, its distilled data
+    disk: ClientDir  # this client's own disk: its local adapters, its distilled sets
     cache_dir: Path  # caches that outlive a run (distilled sets keyed by their inputs)
     _encoded: dict[str, tuple[list[Example], int]] = field(default_factory=dict)
-    distill_rows: list[Any] = field(default_factory=list)  # FedSD: DistilledRow per record
-    distill_key: str = ""  # cache key of distill_rows
-    distill_source_round: int = -1
-    distill_generate_calls: int = 0
+    distilled_rows: list[Any] = field(default_factory=list)  # FedSD: one DistilledRow per record
+    distilled_from_round: int = -1  # the round whose model rewrote `distilled_rows`
 
     def encoded(self, key: str, records: list[Record]) -> tuple[list[Example], int]:
         """Tokenised records (cached per key); second item: how many were too long."""
@@ -63,29 +77,76 @@ class ClientSession:
 
 @dataclass
 class TrainResult:
-    """What goes back to the server: the global adapter's new weights and numbers (never text)."""
+    """A client's round: the global adapter's new weights and numbers for the server (never
+    text), and its local state for the next round (kept on the client)."""
 
     state: AdapterState
     num_examples: int
     metrics: dict[str, float]
+    local_state: LocalState = field(default_factory=dict)
 
 
 class Algorithm:
-    """One federated algorithm: which adapters exist, the client's local work, the server strategy."""
+    """One federated algorithm. Subclasses set `name` and implement `strategy` and `train`;
+    algorithms with local adapters list them after the global one in `adapters`."""
 
     name: ClassVar[str]
     global_adapter: ClassVar[str] = "default"
 
+    # adapters -------------------------------------------------------------
     def adapters(self, cfg: RunConfig) -> list[AdapterSpec]:
         """The adapters on the model; the first one is the global (aggregated) one."""
         return [AdapterSpec(self.global_adapter, cfg.lora.r, cfg.lora.alpha)]
 
+    def local_adapters(self, cfg: RunConfig) -> list[AdapterSpec]:
+        """Adapters that stay on their client."""
+        return self.adapters(cfg)[1:]
+
+    def eval_models(self, cfg: RunConfig) -> dict[str, list[str]]:
+        """The models a client evaluates, by label: the adapters active in each."""
+        models = {"global": [self.global_adapter]}
+        if self.local_adapters(cfg):
+            models["personalized"] = [spec.name for spec in self.adapters(cfg)]
+        return models
+
+    # the client's local state -----------------------------------------------
+    def load_local_state(self, session: ClientSession, held: LocalState, server_round: int) -> LocalState:
+        """The local state a client starts `server_round` with: what it holds in memory
+        (Flower's Context), else its latest copy on its own disk (a resumed run, a restarted
+        SuperNode), else a fresh initialisation."""
+        state: LocalState = {}
+        for spec in self.local_adapters(session.cfg):
+            saved = session.disk.last_adapter(spec.name, server_round - 1)
+            if spec.name in held:
+                state[spec.name] = held[spec.name]
+            elif saved is not None:
+                state[spec.name] = load_adapter_file(saved)
+            else:
+                seed = derive_seed(session.cfg.seed, f"{spec.name}-init", session.client_id)
+                state[spec.name] = fresh_adapter_state(session.model, spec.name, seed)
+        return state
+
+    def save_local_state(self, session: ClientSession, server_round: int, state: LocalState) -> None:
+        """Write the local adapters after `server_round` to the client's own disk (PEFT folders)."""
+        cfg = session.cfg
+        for spec in self.local_adapters(cfg):
+            save_peft_adapter(session.disk.adapter(spec.name, server_round), state[spec.name], spec,
+                              cfg.lora, cfg.model.name)
+
+    # the two sides of a round ---------------------------------------------------
     def strategy(self, cfg: RunConfig) -> Strategy:
+        """The Flower strategy that samples clients and aggregates the global adapter."""
         raise NotImplementedError
 
     def train(self, session: ClientSession, global_state: AdapterState, server_round: int,
-              config: dict[str, Any], client_state: dict[str, Any]) -> TrainResult:
+              config: dict[str, Any], local_state: LocalState) -> TrainResult:
+        """The client's local work in `server_round`, starting from the global adapter."""
         raise NotImplementedError
+
+
+def proximal_mu(config: dict[str, Any]) -> float:
+    """FedProx's mu when the server strategy sends one ("proximal-mu", as Flower's FedProx does)."""
+    return float(config.get("proximal-mu", 0.0))
 
 
 def sampling_kwargs(cfg: RunConfig) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """FedProx (Li et al., 2020): FedAvg whose clients minimise
-L_k(theta) + mu/2 * ||theta - theta_global||^2; Flower's FedProx sends mu as "proximal-mu"."""
+L_k(theta) + mu/2 * ||theta - theta_global||^2. Flower's FedProx sends mu to the clients as
+"proximal-mu" in each round's config; every client stream that receives it adds the term
+(`fedsdr.train.Stream.proximal_loss`), FedSDR's LoRA-R stream included."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from flwr.serverapp.strategy import FedProx as FlowerFedProx
 from flwr.serverapp.strategy import Strategy
@@ -18,6 +18,3 @@ class FedProx(FedAvg):
 
     def strategy(self, cfg: RunConfig) -> Strategy:
         return FlowerFedProx(**sampling_kwargs(cfg), proximal_mu=cfg.federation.proximal_mu)
-
-    def proximal_mu(self, config: dict[str, Any]) -> float:
-        return float(config["proximal-mu"])

@@ -17,12 +17,11 @@ from fedsdr.data.schema import Record
 from fedsdr.distill import (
     DistilledRow,
     cache_key,
-    distill_records,
-    distilled_records,
-    load_or_distill,
+    distilled_set,
+    load_or_rewrite,
+    rewrite_records,
     summarize,
 )
-from fedsdr.generation import GenerationStats
 from fedsdr.io import write_json_atomic, write_text_atomic
 from fedsdr.models.adapters import AdapterState, activate, set_adapter_state
 
@@ -43,23 +42,22 @@ def _fingerprint(state: AdapterState) -> str:
     return digest.hexdigest()
 
 
-def distilled_training_records(
+def client_distilled_set(
     session: ClientSession, server_round: int, global_adapter: str, global_state: AdapterState
 ) -> list[Record]:
     """The client's distilled set for this round.
 
-    Generated once per source model and cached on the client's disk, keyed by model, adapter,
-    data, template and generation settings; a copy for the run goes to the client's state
-    folder (`distill/round-RRR.jsonl` + diagnostics), which a resumed client reads back
-    instead of rewriting with a later model.
+    Rewritten once per source model and cached on the client's disk, keyed by model, adapter,
+    data, template and generation settings; a copy for the run goes to the client's own folder
+    (`ClientDir.distilled_set` + diagnostics), which a resumed client reads back instead of
+    rewriting with a later model.
     """
     cfg = session.cfg
     source_round = rewrite_round(server_round, cfg.distill.refresh_every)
-    if session.distill_key and session.distill_source_round == source_round:
-        return distilled_records(session.distill_rows)
-    run_copy = session.state_dir / "distill" / f"round-{source_round:03d}.jsonl"
+    if session.distilled_from_round == source_round:
+        return distilled_set(session.distilled_rows)
+    run_copy = session.disk.distilled_set(source_round)
     use_global = source_round > 0
-    stats = GenerationStats()
 
     def compute() -> list[DistilledRow]:
         model, tok = session.model, session.tokenizer
@@ -69,25 +67,21 @@ def distilled_training_records(
             if use_global:  # the current global model (W0 + global adapter) rewrites
                 set_adapter_state(model, global_adapter, global_state)
                 activate(model, [global_adapter], trainable=[])
-                return distill_records(model, tok, session.data.train, cfg.distill, seed=seed,
-                                       progress=progress, stats=stats)
+                return rewrite_records(model, tok, session.data.train, cfg.distill, seed=seed, progress=progress)
             with model.disable_adapter():  # the base model W0 rewrites
-                return distill_records(model, tok, session.data.train, cfg.distill, seed=seed,
-                                       progress=progress, stats=stats)
+                return rewrite_records(model, tok, session.data.train, cfg.distill, seed=seed, progress=progress)
 
     if run_copy.exists():
         rows = read_rows(run_copy)
     else:
         fingerprint = _fingerprint(global_state) if use_global else None
         key = cache_key(cfg.model.name, fingerprint, session.data.train, cfg.distill, seed=cfg.seed)
-        rows, _ = load_or_distill(session.cache_dir / "distill", key, compute)
-        write_json_atomic(run_copy.with_suffix(".diagnostics.json"), summarize(rows))
+        rows, _ = load_or_rewrite(session.cache_dir / "distill", key, compute)
+        write_json_atomic(session.disk.distill_diagnostics(source_round), summarize(rows))
         write_text_atomic(run_copy, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rows))
-    session.distill_rows = rows
-    session.distill_key = f"{source_round}"
-    session.distill_source_round = source_round
-    session.distill_generate_calls += stats.calls
-    return distilled_records(rows)
+    session.distilled_rows = rows
+    session.distilled_from_round = source_round
+    return distilled_set(rows)
 
 
 def read_rows(path: Path) -> list[DistilledRow]:
@@ -95,9 +89,9 @@ def read_rows(path: Path) -> list[DistilledRow]:
         return [DistilledRow.from_json(json.loads(line)) for line in f if line.strip()]
 
 
-def distill_metrics(session: ClientSession) -> dict[str, float]:
+def diagnostic_metrics(session: ClientSession) -> dict[str, float]:
     """The diagnostics of the client's distilled set, as numbers for the server."""
-    summary = summarize(session.distill_rows)
+    summary = summarize(session.distilled_rows)
     # Every client reports the same keys (Flower aggregates only consistent records): a rate
     # over no records (e.g. consistency on open-ended data) is NaN, written as null.
     return {f"distill/{k}": float("nan") if v is None else float(v) for k, v in summary.items()}

@@ -15,8 +15,6 @@ from fedsdr.data.partition import (
 )
 from fedsdr.data.schema import DataError, Record
 
-BENCHMARKS = ("multi-domain",)
-
 
 @dataclass(frozen=True)
 class FederatedData:

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedsdr.data.schema import DataError, Record
+from fedsdr.data.schema import CHOICE_SCORER, DataError, Record
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -116,6 +116,33 @@ def _text(where: str, row: Mapping[str, Any], column: str, logical: str, require
     return str(value)
 
 
+def _choices(where: str, row: Mapping[str, Any], column: str) -> tuple[str, ...] | None:
+    """A list of choices: a list/tuple/array of texts, or (CSV) a cell holding a JSON list."""
+    value = row.get(column)
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, list):
+            raise DataError(f"{where}: field {column!r} (choices) must be a list, or a JSON list in text "
+                            '(e.g. ["yes", "no"])')
+    if hasattr(value, "tolist") and not isinstance(value, list):  # numpy arrays from pandas/datasets
+        value = value.tolist()
+    if not isinstance(value, list | tuple):
+        raise DataError(f"{where}: field {column!r} (choices) must be a list, got {type(value).__name__}")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            raise DataError(f"{where}: field {column!r} (choices) item {i} must be text, got {type(item).__name__}")
+        out.append(str(item))
+    return tuple(out)
+
+
 def to_record(where: str, row: Any, fields: Mapping[str, str], default_domain: str, index: int) -> Record:
     """Validate one raw row and map its columns to a `Record`."""
     if not isinstance(row, Mapping):
@@ -129,18 +156,25 @@ def to_record(where: str, row: Any, fields: Mapping[str, str], default_domain: s
         raise DataError(f"{where}: field {fields['output']!r} (output) is empty")
     answer = _text(where, row, fields["answer"], "answer", required=False)
     scorer = _text(where, row, fields["scorer"], "scorer", required=False)
+    choices = _choices(where, row, fields.get("choices", "choices"))
+    if choices and not scorer:
+        scorer = CHOICE_SCORER
     if answer and not scorer:
         scorer = "exact"
-    return Record(
-        id=_text(where, row, fields["id"], "id", required=False) or f"rec-{index:06d}",
-        instruction=instruction,
-        input=_text(where, row, fields["input"], "input", required=False) or "",
-        output=output,
-        domain=_text(where, row, fields["domain"], "domain", required=False) or default_domain,
-        answer=answer or None,
-        scorer=scorer or None,
-        meta=dict(row["meta"]) if isinstance(row.get("meta"), Mapping) else {},
-    )
+    try:
+        return Record(
+            id=_text(where, row, fields["id"], "id", required=False) or f"rec-{index:06d}",
+            instruction=instruction,
+            input=_text(where, row, fields["input"], "input", required=False) or "",
+            output=output,
+            domain=_text(where, row, fields["domain"], "domain", required=False) or default_domain,
+            answer=answer or None,
+            scorer=scorer or None,
+            meta=dict(row["meta"]) if isinstance(row.get("meta"), Mapping) else {},
+            choices=choices,
+        )
+    except DataError as e:  # e.g. a multiple-choice answer that names no choice
+        raise DataError(f"{where}: {e}") from None
 
 
 def load_records(
@@ -152,7 +186,8 @@ def load_records(
     default_domain: str = "default",
 ) -> list[Record]:
     """Load and validate every record of a file, folder or `datasets` name."""
-    fields = {**{k: k for k in ("id", "instruction", "input", "output", "domain", "answer", "scorer")}, **(fields or {})}
+    names = ("id", "instruction", "input", "output", "domain", "answer", "scorer", "choices")
+    fields = {**{k: k for k in names}, **(fields or {})}
     fmt = detect_format(source) if fmt == "auto" else fmt
     readers = {
         "jsonl": lambda: _rows_jsonl(Path(source)),

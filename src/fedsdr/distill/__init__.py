@@ -1,12 +1,12 @@
 """FedSD: federated self-distillation as a data transform (rewrite, filter, diagnose, cache)."""
 
-from fedsdr.distill.cache import cache_key, cache_paths, load_or_distill
+from fedsdr.distill.cache import cache_key, cache_paths, load_or_rewrite
 from fedsdr.distill.diagnostics import render_table, summarize
 from fedsdr.distill.engine import (
     DistillConfig,
     DistilledRow,
-    distill_records,
-    distilled_records,
+    distilled_set,
+    rewrite_records,
 )
 from fedsdr.distill.filters import REASONS, FilterConfig, check_rewrite
 from fedsdr.distill.prompt import RewriteTemplate, build_rewrite_messages
@@ -21,9 +21,9 @@ __all__ = [
     "cache_key",
     "cache_paths",
     "check_rewrite",
-    "distill_records",
-    "distilled_records",
-    "load_or_distill",
+    "rewrite_records",
+    "distilled_set",
+    "load_or_rewrite",
     "render_table",
     "summarize",
 ]

@@ -45,7 +45,7 @@ def cache_paths(cache_dir: Path, key: str) -> tuple[Path, Path]:
     return cache_dir / f"distilled-{stem}.jsonl", cache_dir / f"diagnostics-{stem}.json"
 
 
-def load_or_distill(
+def load_or_rewrite(
     cache_dir: Path, key: str, compute: Callable[[], list[DistilledRow]]
 ) -> tuple[list[DistilledRow], bool]:
     """Rows for `key` from disk when present, else `compute()` and save them.

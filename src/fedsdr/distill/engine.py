@@ -5,59 +5,17 @@ The training target is the rewrite unless a filter fires; then it is the raw out
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
+from fedsdr.config import DistillConfig
 from fedsdr.data.schema import Record
-from fedsdr.distill.filters import FilterConfig, check_rewrite, is_consistent, length_ratio
-from fedsdr.distill.prompt import RewriteTemplate, build_rewrite_messages
+from fedsdr.distill.filters import check_rewrite, is_consistent, length_ratio
+from fedsdr.distill.prompt import build_rewrite_messages
 
 if TYPE_CHECKING:  # torch is imported only when rewriting runs, not with the config
     from fedsdr.generation import GenerationStats
-
-
-class DistillConfig(BaseModel):
-    """FedSD: rewriting the clients' data with the model before (or during) training."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    enabled: bool = Field(False, description="Train on distilled data (Algorithm + FedSD).")
-    refresh_every: int = Field(
-        0,
-        ge=0,
-        description="0: rewrite once before round 1 with the base model; R > 0: rewrite again "
-        "with the current global model every R rounds.",
-    )
-    do_sample: bool = Field(False, description="Sample rewrites instead of greedy decoding.")
-    temperature: float = Field(0.7, gt=0, description="Sampling temperature (do_sample only).")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (do_sample only).")
-    max_new_tokens_ratio: float = Field(
-        2.0, gt=0, description="Token budget per record = ratio * tokens(reference), clamped."
-    )
-    min_new_tokens: int = Field(32, ge=1, description="Lower clamp of the token budget.")
-    max_new_tokens: int = Field(256, ge=1, description="Upper clamp of the token budget.")
-    batch_size: int = Field(32, ge=1, description="Rows decoded together (continuous batching).")
-    template: RewriteTemplate = Field(
-        default_factory=RewriteTemplate, description="Text of the rewrite prompt."
-    )
-    filters: FilterConfig = Field(
-        default_factory=FilterConfig, description="Fallback rules (rewrite -> raw output)."
-    )
-
-    @model_validator(mode="after")
-    def _check_budget(self) -> DistillConfig:
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError("min_new_tokens must be <= max_new_tokens")
-        return self
-
-    def budget(self, reference_tokens: int) -> int:
-        """Token budget for a reference of `reference_tokens` tokens."""
-        raw = math.ceil(self.max_new_tokens_ratio * reference_tokens)
-        return max(self.min_new_tokens, min(self.max_new_tokens, raw))
 
 
 @dataclass(frozen=True)
@@ -107,7 +65,7 @@ class DistilledRow:
         return cls(**fields, record=Record.from_json(data["record"]))
 
 
-def distill_records(
+def rewrite_records(
     model: Any,
     tokenizer: Any,
     records: Sequence[Record],
@@ -159,6 +117,6 @@ def distill_records(
     return rows
 
 
-def distilled_records(rows: Sequence[DistilledRow]) -> list[Record]:
+def distilled_set(rows: Sequence[DistilledRow]) -> list[Record]:
     """The distilled training set: each record with `output` replaced by its target."""
     return [row.record.replace(output=row.target) for row in rows]

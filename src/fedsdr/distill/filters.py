@@ -6,54 +6,10 @@ degenerate, leak, inflation, answer_inconsistent.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from fedsdr.config import FilterConfig
 from fedsdr.data.schema import Record
 
 REASONS = ("degenerate", "leak", "inflation", "answer_inconsistent")
-
-DEFAULT_LEAK_PHRASES = [
-    "reference answer",
-    "reference response",
-    "reference solution",
-    "the reference",
-    "your response",
-    "my response",
-    "the provided answer",
-    "the provided response",
-    "the given answer",
-    "the given response",
-    "as mentioned in the reference",
-    "according to the reference",
-]
-
-
-class FilterConfig(BaseModel):
-    """Which fallback rules are on, and their thresholds."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    leak: bool = Field(True, description="Fall back when the rewrite mentions the reference.")
-    degenerate: bool = Field(
-        True,
-        description="Fall back on empty, truncated (no eos within budget) or looping rewrites.",
-    )
-    inflation: bool = Field(True, description="Fall back when the rewrite is much longer.")
-    max_length_ratio: float = Field(
-        2.5, gt=0, description="Inflation bound on words(rewrite) / max(1, words(reference))."
-    )
-    answer_consistency: bool = Field(
-        True,
-        description="On verifiable records, fall back unless the task scorer accepts the rewrite.",
-    )
-    max_repeat_rate: float = Field(
-        0.5, ge=0, le=1, description="Looping bound on the repeated 4-gram rate of the rewrite."
-    )
-    leak_phrases: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_LEAK_PHRASES),
-        description="Case-insensitive phrases that reveal the rewrite is talking about the reference.",
-    )
-
 
 def length_ratio(rewrite: str, reference: str) -> float:
     """words(rewrite) / max(1, words(reference))."""

@@ -3,6 +3,8 @@
 pyproject.toml names them: `serverapp = "fedsdr.federation.apps:server_app"`,
 `clientapp = "fedsdr.federation.apps:client_app"`. Run config keys:
   fedsdr-config   path of the fedsdr TOML config on the SuperLink's machine
+  set             overrides as `fedsdr run --set` takes them, space-separated:
+                  --run-config "set='federation.rounds=5 lora.r=16'"
   out-dir         where the server writes metrics and checkpoints (default runs/deployment)
   resume          true to continue from the last checkpoint in out-dir
 Each SuperNode passes its own silo in its node config:
@@ -12,6 +14,7 @@ The data file never leaves the SuperNode; only adapter tensors and numbers trave
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from flwr.app import Context
@@ -28,7 +31,7 @@ server_app = ServerApp()
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
-    cfg = load_config(str(run_config["fedsdr-config"]))
+    cfg = load_config(str(run_config["fedsdr-config"]), shlex.split(str(run_config.get("set", ""))))
     run = RunDir(Path(str(run_config.get("out-dir", "runs/deployment"))))
     resume = bool(run_config.get("resume", False))
     if not resume:

@@ -1,7 +1,8 @@
 """The Flower ClientApp: train and evaluate on the client's private data.
 
-What a client sends back is adapter tensors of the global adapter and numbers (MetricRecord);
-its data, its rewrites and its local adapter (FedSDR's LoRA-S) stay with it.
+What a client sends back is adapter tensors of the global adapter and numbers (MetricRecords);
+its data, its rewrites and its local state (e.g. FedSDR's LoRA-S) stay with it. Every
+algorithm-specific decision comes from the run's `Algorithm`.
 """
 
 from __future__ import annotations
@@ -10,17 +11,19 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsdr.algorithms import Algorithm, ClientSession, get_algorithm
+from fedsdr.algorithms import Algorithm, ClientSession, LocalState, get_algorithm
 from fedsdr.config import RunConfig, config_from_json
+from fedsdr.console import quiet_libraries
 from fedsdr.data.federated import build_federated_data, load_silo_data
-from fedsdr.evaluate import evaluate_records, flatten
-from fedsdr.logs import quiet_libraries
+from fedsdr.evaluate import evaluate_records
+from fedsdr.federation.messages import identity, pack_evaluation
 from fedsdr.models.adapters import activate, from_arrayrecord, set_adapter_state, to_arrayrecord
-from fedsdr.models.bundled import default_cache_dir
+from fedsdr.models.cache import default_cache_dir
 from fedsdr.models.loading import shared_model
+from fedsdr.runs import ClientDir
 
 client_app = ClientApp()
 
@@ -29,15 +32,11 @@ client_app = ClientApp()
 _SESSIONS: dict[tuple[str, int], ClientSession] = {}
 
 
-def _node_partition(context: Context) -> int:
-    return int(context.node_config.get("partition-id", 0))
-
-
 def new_session(cfg: RunConfig, client_id: int, state_root: Path, node_config: dict[str, Any] | None = None
                 ) -> ClientSession:
     """Build a client's session: the shared model, its private data, its own disk."""
     quiet_libraries()  # also in Ray actors and SuperNode processes
-    algorithm = get_algorithm(cfg.federation.algorithm)
+    algorithm = get_algorithm(cfg)
     model, tokenizer, runtime, _ = shared_model(cfg.model, cfg.lora, algorithm.adapters(cfg), cfg.seed)
     node = node_config or {}
     if "data-path" in node:  # a deployed silo reads its own file
@@ -47,7 +46,7 @@ def new_session(cfg: RunConfig, client_id: int, state_root: Path, node_config: d
     cache = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
     return ClientSession(
         cfg=cfg, client_id=client_id, model=model, tokenizer=tokenizer, runtime=runtime, data=data,
-        state_dir=state_root / f"client-{client_id}", cache_dir=cache,
+        disk=ClientDir.under(state_root, client_id), cache_dir=cache,
     )
 
 
@@ -56,7 +55,7 @@ def client_session(msg: Message, context: Context) -> tuple[ClientSession, Algor
     config = msg.content["config"]
     cfg_json = str(config["fedsdr-config"])
     cfg: RunConfig = config_from_json(cfg_json)
-    client_id = _node_partition(context)
+    client_id = int(context.node_config.get("partition-id", 0))
     node = dict(context.node_config)
     state_root = Path(str(node.get("state-dir") or config.get("client-state-root") or "fedsdr-client"))
     key = (hashlib.sha256(f"{cfg_json}\n{state_root}".encode()).hexdigest(), client_id)
@@ -64,10 +63,11 @@ def client_session(msg: Message, context: Context) -> tuple[ClientSession, Algor
         if len(_SESSIONS) >= 64 or any(k[0] != key[0] for k in _SESSIONS):
             _SESSIONS.clear()  # one run at a time per process
         _SESSIONS[key] = new_session(cfg, client_id, state_root, node)
-    return _SESSIONS[key], get_algorithm(cfg.federation.algorithm)
+    return _SESSIONS[key], get_algorithm(cfg)
 
 
-def _local_state(context: Context) -> dict[str, Any]:
+def _held_state(context: Context) -> LocalState:
+    """The local state this node holds in memory (Flower's Context persists across rounds)."""
     return {k: from_arrayrecord(v) for k, v in context.state.array_records.items()}
 
 
@@ -77,45 +77,38 @@ def train(msg: Message, context: Context) -> Message:
     config = dict(msg.content["config"])
     server_round = int(config["server-round"])
     global_state = from_arrayrecord(msg.content["arrays"])
-    local_state = _local_state(context)
+    local_state = algorithm.load_local_state(session, _held_state(context), server_round)
     result = algorithm.train(session, global_state, server_round, config, local_state)
-    for name, state in local_state.items():  # Context state persists on this node across rounds
+    algorithm.save_local_state(session, server_round, result.local_state)
+    for name, state in result.local_state.items():
         context.state[name] = to_arrayrecord(state)
-    metrics = MetricRecord(
-        {**result.metrics, "num-examples": result.num_examples, "partition-id": session.client_id}
-    )
+    metrics = identity(result.num_examples, session.client_id, **result.metrics)
     return Message(RecordDict({"arrays": to_arrayrecord(result.state), "metrics": metrics}), reply_to=msg)
 
 
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """The global model on this client's test split; for FedSDR also the personalized model."""
+    """Each model the algorithm names (the global one; personalized ones with the client's
+    local adapters as they are now) on this client's test split."""
     session, algorithm = client_session(msg, context)
     cfg, model = session.cfg, session.model
     server_round = int(msg.content["config"]["server-round"])
-    adapters = [spec.name for spec in algorithm.adapters(cfg)]
-    set_adapter_state(model, adapters[0], from_arrayrecord(msg.content["arrays"]))
-    figures: dict[str, float] = {}
-    models = {"global": adapters[:1]}
-    local_state = _local_state(context)
-    if len(adapters) > 1:  # FedSDR: W0 + S_k + R, with S_k as it is now on this client
-        from fedsdr.algorithms.fedsdr import SMOOTH, load_smooth
-
-        set_adapter_state(model, SMOOTH, load_smooth(session, server_round + 1, local_state))
-        models["personalized"] = adapters
-    for label, active in models.items():
+    states = {
+        algorithm.global_adapter: from_arrayrecord(msg.content["arrays"]),
+        **algorithm.load_local_state(session, _held_state(context), server_round + 1),
+    }
+    evaluation = {}
+    for label, active in algorithm.eval_models(cfg).items():
+        for name in active:
+            set_adapter_state(model, name, states[name])
         activate(model, active, trainable=[])
-        result = evaluate_records(
+        evaluation[label] = evaluate_records(
             model, session.tokenizer, session.data.test, cfg.eval, autocast=session.runtime.autocast,
             system_prompt=cfg.data.system_prompt, seed=cfg.seed,
             progress=f"client {session.client_id}: eval {label}",
         )
-        prefix = "" if label == "global" else f"{label}:"
-        figures.update({prefix + k: v for k, v in flatten(result).items()})
-    metrics = MetricRecord(
-        {**figures, "num-examples": len(session.data.test), "partition-id": session.client_id}
-    )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    content = pack_evaluation(evaluation, len(session.data.test), session.client_id)
+    return Message(content, reply_to=msg)
 
 
-__all__ = ["ArrayRecord", "client_app", "client_session"]
+__all__ = ["client_app", "client_session", "new_session"]

@@ -19,9 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsdr import progress
 from fedsdr.config import RunConfig
-from fedsdr.logs import quiet_libraries
+from fedsdr.console import quiet_libraries, task
 from fedsdr.runs import RunDir
 
 SERVER_NODE_ID = 1
@@ -77,7 +76,7 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         message_ids = list(message_ids)
         replies = []
-        with progress.task("clients", len(message_ids)) as advance:
+        with task("clients", len(message_ids)) as advance:
             for mid in message_ids:
                 msg = self._inbox.pop(mid)
                 self.sent.append(msg)

@@ -12,11 +12,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsdr import progress, report
+from fedsdr import report
 from fedsdr.algorithms import Algorithm, derive_seed, get_algorithm
 from fedsdr.config import RunConfig
+from fedsdr.console import console, task
 from fedsdr.data.federated import build_federated_data
-from fedsdr.evaluate import evaluate_records, unflatten
+from fedsdr.evaluate import evaluate_records
+from fedsdr.federation.messages import unpack_evaluation
 from fedsdr.models.adapters import (
     activate,
     arrayrecord_nbytes,
@@ -28,7 +30,7 @@ from fedsdr.models.adapters import (
     to_arrayrecord,
 )
 from fedsdr.models.loading import shared_model
-from fedsdr.runs import RunDir, load_server_state, save_server_state
+from fedsdr.runs import RunDir, client_name, load_server_state, save_server_state
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
@@ -40,7 +42,7 @@ class Server:
     def __init__(self, cfg: RunConfig, run: RunDir) -> None:
         self.cfg = cfg
         self.run = run
-        self.algorithm: Algorithm = get_algorithm(cfg.federation.algorithm)
+        self.algorithm: Algorithm = get_algorithm(cfg)
         self.strategy = self.algorithm.strategy(cfg)
         self.spec = self.algorithm.adapters(cfg)[0]
         self.model, self.tokenizer, self.runtime, self.source = shared_model(
@@ -71,20 +73,17 @@ class Server:
             return []
         random.seed(derive_seed(self.cfg.seed, "sample-eval", server_round))
         messages = self.strategy.configure_evaluate(server_round, arrays, self.base_config(), grid)
-        rows = []
+        keyed = []
         for reply in _ok(grid.send_and_receive(messages)):
-            flat = dict(reply.content["metrics"])
-            cid = int(flat.pop("partition-id"))
-            n = flat.pop("num-examples")
-            by_model: dict[str, dict[str, float]] = {}
-            for key, value in flat.items():
-                label, _, name = key.rpartition(":")
-                by_model.setdefault(label or "global", {})[name] = value
-            for label, figures in by_model.items():
-                overall, domains = unflatten(figures)
-                rows.append({"round": server_round, "scope": f"client-{cid}", "kind": "eval", "model": label,
-                             "split": "client_test", **overall, "num_examples": n, "domains": domains})
-        return sorted(rows, key=lambda r: (r["model"], int(r["scope"].split("-")[1])))
+            evaluation, ident = unpack_evaluation(reply.content)
+            cid = int(ident["partition-id"])
+            for label, result in evaluation.items():
+                overall = result.pop("all", {})
+                keyed.append(((label, cid), {
+                    "round": server_round, "scope": client_name(cid), "kind": "eval", "model": label,
+                    "split": "client_test", **overall, "num_examples": ident["num-examples"], "domains": result,
+                }))
+        return [row for _, row in sorted(keyed, key=lambda item: item[0])]
 
     # rounds ----------------------------------------------------------------
     def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, list[dict]]:
@@ -101,7 +100,7 @@ class Server:
             figures = dict(reply.content["metrics"])
             cid = int(figures.pop("partition-id"))
             rows.append({
-                "round": server_round, "scope": f"client-{cid}", "kind": "train",
+                "round": server_round, "scope": client_name(cid), "kind": "train",
                 "num_examples": figures.pop("num-examples"),
                 "bytes_up": sum(arrayrecord_nbytes(r) for r in reply.content.array_records.values()),
                 "bytes_down": bytes_down, **figures,
@@ -139,7 +138,7 @@ class Server:
         if start:
             run.truncate_metrics(start)
             arrays = self.restore(start)
-            progress.console.print(f"[bold]resuming[/] after round {start} from {run.checkpoint_dir(start)}")
+            console.print(f"[bold]resuming[/] after round {start} from {run.checkpoint_dir(start)}")
         else:
             arrays = self.initial_arrays()
             run.truncate_metrics(-1)
@@ -147,7 +146,7 @@ class Server:
             run.append_metrics(rows)
             report.print_round(cfg, 0, rows)
         t0 = time.perf_counter()
-        with progress.task(f"{cfg.name}: rounds", cfg.federation.rounds) as advance:
+        with task(f"{cfg.name}: rounds", cfg.federation.rounds) as advance:
             advance(start)
             for server_round in range(start + 1, cfg.federation.rounds + 1):
                 arrays, train_rows = self.train_round(grid, server_round, arrays)
@@ -167,7 +166,7 @@ def _ok(replies: Any) -> list[Message]:
     out = []
     for msg in replies:
         if msg.has_error():
-            progress.console.print(f"[red]client error[/] node {msg.metadata.src_node_id}: {msg.error.reason}")
+            console.print(f"[red]client error[/] node {msg.metadata.src_node_id}: {msg.error.reason}")
         else:
             out.append(msg)
     return out

@@ -106,10 +106,6 @@ def fresh_adapter_state(model: PeftModel, adapter: str, seed: int) -> AdapterSta
     return state
 
 
-def state_nbytes(state: Mapping[str, np.ndarray]) -> int:
-    return int(sum(v.nbytes for v in state.values()))
-
-
 def to_arrayrecord(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 

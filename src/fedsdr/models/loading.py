@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def resolve_runtime(cfg: ModelConfig) -> Runtime:
 
 def resolve_model_source(cfg: ModelConfig) -> str:
     """Bundled name -> prepared local folder; folders and hub ids pass through."""
-    from fedsdr.models.bundled import resolve_model_path
+    from fedsdr.models.resolve import resolve_model_path
 
     return resolve_model_path(cfg.name, Path(cfg.cache_dir) if cfg.cache_dir else None)
 
@@ -116,17 +115,3 @@ def shared_model(
         model.to(runtime.device)
         _CACHE[key] = (model, load_tokenizer(source), runtime, source)
     return _CACHE[key]
-
-
-def clear_cache() -> None:
-    _CACHE.clear()
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

@@ -15,15 +15,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedsdr.models.bundled import (
+from fedsdr.models.cache import (
     MARKER_FILE,
     build_atomically,
-    default_cache_dir,
     file_lock,
     quiet_hf_progress,
     read_marker,
+    resolve_cache_dir,
 )
 
+TINY_NAME = "tiny-random"
 TINY_FORMAT = 1
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TARGET_VOCAB = 768
@@ -142,7 +143,7 @@ def _build(out_dir: Path, seed: int) -> None:
     with quiet_hf_progress(True):
         model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    marker = {"name": "tiny-random", "format": TINY_FORMAT, "seed": seed}
+    marker = {"name": TINY_NAME, "format": TINY_FORMAT, "seed": seed}
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
 
 
@@ -151,9 +152,9 @@ def build_tiny_model_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:
 
     Same seed, same bytes. Cached under ``<cache>/models/tiny-random-seed<seed>``.
     """
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    final = cache / "models" / f"tiny-random-seed{seed}"
-    expected = {"name": "tiny-random", "format": TINY_FORMAT, "seed": seed}
+    cache = resolve_cache_dir(cache_dir)
+    final = cache / "models" / f"{TINY_NAME}-seed{seed}"
+    expected = {"name": TINY_NAME, "format": TINY_FORMAT, "seed": seed}
 
     def ready() -> bool:
         marker = read_marker(final)

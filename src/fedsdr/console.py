@@ -1,4 +1,5 @@
-"""One shared rich progress display: rounds, clients, steps and generation bars nest in it."""
+"""The console: one shared rich display (rounds, clients, steps and generation bars nest in it),
+and keeping library chatter (Flower INFO logs, weight-loading bars, deprecations) off it."""
 
 from __future__ import annotations
 
@@ -58,3 +59,22 @@ def task(description: str | None, total: int) -> Iterator[Callable[[int], None]]
         yield lambda k: progress.advance(task_id, k)
     finally:
         progress.remove_task(task_id)
+
+
+def quiet_libraries() -> None:
+    """Keep Flower, transformers and Ray logs, bars and telemetry off the console."""
+    for key, value in {
+        "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "TOKENIZERS_PARALLELISM": "false",
+    }.items():
+        os.environ.setdefault(key, value)
+    import logging
+    import warnings
+
+    import transformers
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message="Classes: .* will NOT be used", category=UserWarning)

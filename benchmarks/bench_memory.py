@@ -1,0 +1,316 @@
+"""Peak resident memory (RSS) of federated runs, each measured in its own clean child process.
+
+What it measures (each scenario is one fresh `python` child running one federated round
+through the in-process engine, exactly what `fedsdr run` does: the round-0 evaluation, one
+training round, the round-1 evaluation, a checkpoint):
+
+    quickstart  the config as given (default configs/quickstart.toml: 4 clients, SmolLM2)
+    six         the same with all 6 bundled domains, one client each, model.max_seq_len=384
+    clients-4   the config with partition.method=iid over 4 clients ...
+    clients-8   ... and over 8 clients: (peak 8 - peak 4) / 4 = memory per extra virtual client
+
+Each child reports its peak RSS (the kernel's high-water mark, VmHWM), the RSS it keeps at
+the end, the bytes of the base model's parameters (the floor: the model must be resident),
+and a breakdown by phase: the high-water mark is reset (`/proc/self/clear_refs`) at every
+phase boundary, so each phase's peak is exact, not sampled. Phases: `setup` (model load,
+data), `eval:loss` (reference losses), `eval:generate` (generation), `train` (`sft_steps`
+/ `dual_stream_steps` of one client), `other` (messages, aggregation, checkpoints...).
+glibc's `mallinfo2` at the end of each phase shows how much of the RSS is heap memory freed
+but kept by the allocator (`heap_free`) rather than live (`heap_used`, `mmapped`).
+
+Usage:
+    .venv/bin/python benchmarks/bench_memory.py [--scenarios quickstart,six,clients-4,clients-8]
+        [--config configs/quickstart.toml] [--set key=value ...] [--env MALLOC_ARENA_MAX=2]
+        [--loss full] [--json out.json]
+`--loss full` runs the children with the pre-issue-11 loss (the model's full B x T x V
+logits, copied to fp32) for a before/after comparison; `--env` sets environment variables
+for the children. Memory is not affected by other jobs on the machine (only the time is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import console, parser, write_json  # noqa: E402
+
+GIB = 1024**3
+SCENARIOS = {
+    "quickstart": ["federation.rounds=1"],
+    "six": [
+        "federation.rounds=1",
+        "data.domains=['arithmetic','gsm','word_sorting','competition_math','construction_faq','code']",
+        "partition.num_clients=6",
+        "partition.method=domain",
+        "model.max_seq_len=384",
+    ],
+    "clients-4": ["federation.rounds=1", "partition.method=iid", "partition.num_clients=4"],
+    "clients-8": ["federation.rounds=1", "partition.method=iid", "partition.num_clients=8"],
+}
+TARGETS_GB = {"quickstart": 2.0, "six": 2.5}
+
+
+# --- the child: one run, phase by phase --------------------------------------------------
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _heap() -> dict[str, int]:
+    """glibc heap: bytes in use, free but kept in the arenas, and mmapped chunks."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+        m = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return {}
+    return {"heap_used": m.uordblks, "heap_free": m.fordblks, "mmapped": m.hblkhd}
+
+
+class Phases:
+    """Exact peak RSS per phase: at each boundary read VmHWM, credit it to the phase that
+    ends, reset the high-water mark to the current RSS."""
+
+    def __init__(self) -> None:
+        self.current = "setup"
+        self.peaks: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
+        self.end_of: dict[str, dict[str, int]] = {}
+        self.clear = Path("/proc/self/clear_refs")
+        self.can_reset = True
+        self.started = time.perf_counter()
+        self.timeline: list[tuple[float, str, int, int]] = []
+
+    def mark(self, label: str) -> None:
+        hwm = _status_kb("VmHWM") * 1024
+        rss = _status_kb("VmRSS") * 1024
+        ended = self.current
+        self.peaks[ended] = max(self.peaks.get(ended, 0), hwm)
+        self.counts[ended] = self.counts.get(ended, 0) + 1
+        self.end_of[ended] = {"rss": rss, **_heap()}
+        self.timeline.append((time.perf_counter() - self.started, ended, hwm, rss))
+        if self.can_reset:
+            try:
+                self.clear.write_text("5")
+            except OSError:
+                self.can_reset = False
+        self.current = label
+
+    def wrap(self, owner: Any, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            before = self.current
+            self.mark(label)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.mark("other" if before == "setup" else before)
+
+        setattr(owner, name, wrapped)
+
+
+def _full_logits_token_nll() -> Callable:
+    """The loss before issue 11: the model's full logits, copied to fp32 (for comparison)."""
+    import torch
+
+    from fedsdr.train import IGNORE
+
+    def token_nll(model: Any, batch: dict[str, Any], autocast: Callable, **_: Any) -> Any:
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+        )
+        return nll, targets != IGNORE
+
+    return token_nll
+
+
+def child(config: str, overrides: list[str], loss: str, out_path: Path) -> None:
+    phases = Phases()
+    os.environ.setdefault("FEDSDR_PROGRESS", "0")
+    import fedsdr.algorithms.fedavg as fedavg
+    import fedsdr.algorithms.fedsdr as fedsdr_alg
+    import fedsdr.evaluate as evaluate
+    import fedsdr.generation as generation
+    import fedsdr.train as train
+    from fedsdr.config import load_config
+    from fedsdr.console import quiet_libraries
+    from fedsdr.federation.engine import run_federation
+    from fedsdr.models import loading
+    from fedsdr.runs import RunDir
+
+    quiet_libraries()
+    cfg = load_config(config, overrides)
+    if loss == "full":
+        train.token_nll = _full_logits_token_nll()
+        if hasattr(evaluate, "token_nll"):
+            evaluate.token_nll = train.token_nll
+    phases.wrap(evaluate, "reference_losses", "eval:loss")
+    phases.wrap(generation, "generate", "eval:generate")
+    for module in (fedavg, fedsdr_alg):
+        for name in ("sft_steps", "dual_stream_steps"):
+            if hasattr(module, name):
+                phases.wrap(module, name, "train")
+    # model loading and data building, before the first phase above
+    original_shared_model = loading.shared_model
+    first_load: dict[str, int] = {}
+
+    def shared_model(*args: Any, **kwargs: Any) -> Any:
+        result = original_shared_model(*args, **kwargs)
+        first_load.setdefault("rss_after_model_load", _status_kb("VmRSS") * 1024)
+        return result
+
+    for module_name in ("fedsdr.federation.server", "fedsdr.federation.client"):
+        module = sys.modules.get(module_name) or __import__(module_name, fromlist=["x"])
+        module.shared_model = shared_model
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        run_federation(cfg, RunDir(Path(tmp) / "run"))
+        phases.mark("end")
+    seconds = time.perf_counter() - started
+    model = next(iter(loading._CACHE.values()))[0]
+    base = model.get_base_model()
+    param_bytes = sum(p.numel() * p.element_size() for n, p in base.named_parameters() if "lora_" not in n)
+    adapter_bytes = sum(p.numel() * p.element_size() for n, p in base.named_parameters() if "lora_" in n)
+    import torch
+
+    figures = {
+        "peak_rss": max(phases.peaks.values()),
+        "phase_peaks": phases.peaks,
+        "phase_counts": phases.counts,
+        "phase_end": phases.end_of,
+        "rss_end": _status_kb("VmRSS") * 1024,
+        "hwm_resettable": phases.can_reset,
+        "param_bytes": param_bytes,
+        "adapter_bytes": adapter_bytes,
+        "clients": cfg.partition.num_clients,
+        "max_seq_len": cfg.model.max_seq_len,
+        "threads": torch.get_num_threads(),
+        "compute_dtype": str(loading.resolve_runtime(cfg.model).compute_dtype),
+        "seconds": seconds,
+        **first_load,
+        "timeline": phases.timeline,
+    }
+    out_path.write_text(json.dumps(figures, indent=1), encoding="utf-8")
+
+
+# --- the parent: one child per scenario, side by side ------------------------------------
+def run_child(scenario: str, args: Any, env: dict[str, str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-memory-out-") as tmp:
+        out = Path(tmp) / "figures.json"
+        cmd = [sys.executable, __file__, "--child", scenario, "--config", args.config,
+               "--loss", args.loss, "--child-out", str(out)]
+        for item in args.overrides:
+            cmd += ["--set", item]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+            raise SystemExit(f"bench_memory: child {scenario!r} failed (exit {proc.returncode})")
+        return json.loads(out.read_text(encoding="utf-8"))
+
+
+def _gb(x: float) -> str:
+    return f"{x / GIB:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--scenarios", default="quickstart,six,clients-4,clients-8",
+                   help=f"comma-separated, from {', '.join(SCENARIOS)}")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable for the children (repeatable)")
+    p.add_argument("--loss", choices=("default", "full"), default="default",
+                   help="'full': the pre-issue-11 full-logits loss, for comparison")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(args.config, [*args.overrides, *SCENARIOS[args.child]], args.loss, args.child_out)
+        return 0
+
+    from rich.table import Table
+
+    out = console()
+    env = dict(os.environ)
+    env.setdefault("FEDSDR_PROGRESS", "0")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for item in args.env:
+        name, _, value = item.partition("=")
+        env[name] = value
+    # Prepare the bundled model first, so no child counts the one-off GGUF conversion.
+    subprocess.run([sys.executable, "-m", "fedsdr.cli", "models", "prepare", "smollm2-135m-instruct"],
+                   env=env, check=False, capture_output=True)
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIOS)}")
+    results: dict[str, dict[str, Any]] = {}
+    for scenario in scenarios:
+        out.print(f"running {scenario} ...")
+        results[scenario] = run_child(scenario, args, env)
+        r = results[scenario]
+        out.print(f"  {scenario}: peak {_gb(r['peak_rss'])} GiB, {r['seconds']:.0f} s")
+
+    table = Table(title=f"peak RSS per run ({args.config}, loss={args.loss}"
+                        + (f", {' '.join(args.env)}" if args.env else "") + ")")
+    for col in ("scenario", "clients", "seq len", "peak RSS (GiB)", "target", "end RSS", "after load",
+                "base params (GiB)", "peak / params"):
+        table.add_column(col, justify="right")
+    for name, r in results.items():
+        target = TARGETS_GB.get(name)
+        ok = "" if target is None else ("[green]ok[/]" if r["peak_rss"] <= target * 1e9 else "[red]over[/]")
+        table.add_row(name, str(r["clients"]), str(r["max_seq_len"]), _gb(r["peak_rss"]),
+                      f"<= {target} GB {ok}" if target else "", _gb(r["rss_end"]),
+                      _gb(r.get("rss_after_model_load", 0)), _gb(r["param_bytes"]),
+                      f"{r['peak_rss'] / r['param_bytes']:.1f}x")
+    out.print(table)
+
+    phases = Table(title="peak RSS by phase (GiB); heap at the end of the phase's last occurrence")
+    for col in ("scenario", "phase", "times", "peak", "RSS at end", "heap used", "heap free", "mmapped"):
+        phases.add_column(col, justify="right")
+    for name, r in results.items():
+        for phase, peak in r["phase_peaks"].items():
+            end = r["phase_end"].get(phase, {})
+            phases.add_row(name, phase, str(r["phase_counts"].get(phase, "")), _gb(peak),
+                           _gb(end.get("rss", 0)), _gb(end.get("heap_used", 0)),
+                           _gb(end.get("heap_free", 0)), _gb(end.get("mmapped", 0)))
+    out.print(phases)
+
+    figures: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "env": args.env,
+                               "loss": args.loss, "scenarios": results}
+    if "clients-4" in results and "clients-8" in results:
+        a, b = results["clients-4"], results["clients-8"]
+        figures["per_extra_client_peak"] = (b["peak_rss"] - a["peak_rss"]) / 4
+        figures["per_extra_client_end"] = (b["rss_end"] - a["rss_end"]) / 4
+        out.print(f"memory per extra virtual client (4 -> 8 clients): peak "
+                  f"{figures['per_extra_client_peak'] / 2**20:+.0f} MiB, retained at the end "
+                  f"{figures['per_extra_client_end'] / 2**20:+.0f} MiB")
+    write_json(args.json, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
