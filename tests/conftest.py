@@ -45,8 +45,9 @@ def assert_numbers_only(reply, domains: set[str]) -> None:  # noqa: ANN001
 
     for name, record in reply.content.items():
         if isinstance(record, ConfigRecord):
-            assert name == "evaluation" and set(record) == {"models", "domains"}
+            assert name == "evaluation" and set(record) == {"models", "splits", "domains"}
             assert set(record["models"]) <= {"global", "personalized"}
+            assert set(record["splits"]) <= {"client_test", "general"}
             assert set(record["domains"]) <= domains | {"all"}
             continue
         assert isinstance(record, ArrayRecord | MetricRecord), type(record)

@@ -102,7 +102,7 @@ MIXED = [
 
 def test_evaluate_with_predictions(tiny) -> None:
     model, tok, runtime = tiny
-    cfg = EvalConfig(max_new_tokens=6, max_new_tokens_per_domain={"faq": 3}, batch_size=4)
+    cfg = EvalConfig(max_new_tokens=6, max_new_tokens_limit=6, max_new_tokens_per_domain={"faq": 3}, batch_size=4)
     result, preds = evaluate_with_predictions(model, tok, MIXED, cfg, autocast=runtime.autocast)
     assert set(result) == {"all", "math", "faq", "mc"}
     assert [p["id"] for p in preds] == [r.id for r in MIXED]
@@ -235,3 +235,35 @@ def test_bad_choice_data_names_the_line_and_record(tmp_path: Path) -> None:
     csv_path.write_text("instruction,output,choices,answer\nq,a,not a list,a\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"mc\.csv:2: field 'choices' \(choices\) must be a list"):
         load_records(str(csv_path))
+
+
+def test_domain_budgets_fit_the_longest_reference(tiny) -> None:
+    from fedsdr.evaluate import domain_budgets
+
+    _, tok, _ = tiny
+    long = Record(id="g1", instruction="Solve.", output=" ".join(["step"] * 120) + " Answer: 4", domain="gsm",
+                  answer="4", scorer="numeric")
+    records = [*MIXED, long]
+    n_long = len(tok(long.output, add_special_tokens=False)["input_ids"])
+    cfg = EvalConfig(max_new_tokens=6, budget_ratio=1.5, max_new_tokens_limit=10_000,
+                     max_new_tokens_per_domain={"faq": 3})
+    budgets = domain_budgets(cfg, tok, records)
+    assert budgets["faq"] == 3  # an explicit override wins
+    assert budgets["gsm"] == -(-3 * n_long // 2) > n_long  # 1.5 x the longest reference: never cut off
+    n_math = max(len(tok(r.output, add_special_tokens=False)["input_ids"]) for r in records if r.domain == "math")
+    assert budgets["math"] == max(6, -(-3 * n_math // 2))
+    assert domain_budgets(cfg.model_copy(update={"max_new_tokens": 500}), tok, records)["math"] == 500  # the floor
+    assert domain_budgets(cfg.model_copy(update={"max_new_tokens_limit": 50}), tok, records)["gsm"] == 50
+
+
+def test_generated_subset_and_generate_rounds() -> None:
+    from fedsdr.evaluate import generated_subset
+
+    cfg = EvalConfig(generate_per_domain=1)
+    chosen = [MIXED[i].id for i in generated_subset(cfg, MIXED)]
+    assert chosen == ["m1", "f1"]  # multiple choice never generates; one per domain, in order
+    assert EvalConfig().generates_at(0, 3) and EvalConfig().generates_at(3, 3)
+    assert not EvalConfig().generates_at(2, 3)
+    assert EvalConfig(generate_every=2).generates_at(2, 5) and not EvalConfig(generate_every=2).generates_at(3, 5)
+    assert EvalConfig(generate_every=[1]).generates_at(1, 3) and not EvalConfig(generate_every=[1]).generates_at(0, 3)
+    assert not EvalConfig(generate=False).generates_at(0, 3)

@@ -33,8 +33,10 @@ def test_smoke_run_writes_metrics_for_every_round(tmp_path: Path) -> None:
     for server_round in (0, 1, 2):
         evals = [r for r in rows if r["round"] == server_round and r["kind"] == "eval"]
         assert {r["scope"] for r in evals} == {"global", "client-0", "client-1", "client-2"}
-        for r in evals:
-            assert {"loss", "accuracy", "gen_len", "num_examples"} <= r.keys()
+        for r in evals:  # answers generated at round 0 and the last round; loss every round
+            assert r["generated"] == (server_round in (0, 2))
+            assert {"loss", "loss_se", "num_examples"} <= r.keys()
+            assert ({"accuracy", "accuracy_se", "gen_len", "truncated"} <= r.keys()) == r["generated"]
     trains = [r for r in rows if r["kind"] == "train" and r["scope"] != "global"]
     assert {r["round"] for r in trains} == {1, 2}
     for r in trains:

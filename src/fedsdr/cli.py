@@ -4,6 +4,7 @@
     fedsdr compare --config A --config B ... [--out DIR]     one table over several runs
     fedsdr distill --config FILE [--out DIR]                FedSD's rewriting step alone
     fedsdr export RUN_DIR [--round N] [--client K] --out DIR [--merge]
+    fedsdr eval RUN_DIR --tasks T1,T2 [--round N] [--client K] [--limit L]   lm-eval (extra)
     fedsdr models prepare NAME
 """
 
@@ -131,6 +132,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fedsdr.lm_eval_bridge import run_lm_eval
+
+    run_lm_eval(Path(args.run_dir), args.tasks.split(","), server_round=args.round, client=args.client,
+                limit=args.limit, batch_size=args.batch_size, include_path=args.include_path,
+                num_fewshot=args.num_fewshot, log_samples=args.log_samples,
+                apply_chat_template=args.apply_chat_template)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from fedsdr.models.bundled import BUNDLED_MODELS, prepare_bundled
 
@@ -177,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="also write a merged model (base + adapters)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a run's model (pip install -e '.[lm-eval]')")
+    p.add_argument("run_dir")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--round", type=int, default=None, help="checkpoint round (default: the last)")
+    p.add_argument("--client", type=int, default=None,
+                   help="evaluate this client's personalized model (FedSDR: LoRA-R + its LoRA-S)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--include-path", default=None, help="a folder of extra lm-eval task YAMLs")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--log-samples", action="store_true",
+                   help="also write every scored item to RUN/lm-eval/round-NNN[-client-K].samples.jsonl")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="wrap prompts in the model's chat template")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("models", help="manage bundled models")
     msub = p.add_subparsers(dest="models_command", required=True)

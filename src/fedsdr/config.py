@@ -74,6 +74,11 @@ class DataConfig(_Section):
     records_per_domain: int = Field(64, ge=1, description="Bundled benchmark: records generated per domain.")
     domains: list[str] = Field(default_factory=list, description="Keep only these domains (empty: all).")
     global_test_per_domain: int = Field(6, ge=0, description="Held out per domain into the global test set.")
+    test_source: str = Field(
+        "",
+        description="Your own global test set (any supported source, same field mapping); replaces the "
+        "records held out by global_test_per_domain.",
+    )
     test_fraction: float = Field(0.2, ge=0, lt=1, description="Per-client held-out fraction.")
     max_test_per_client: int = Field(0, ge=0, description="Cap on each client's test split (0: no cap).")
     system_prompt: str = Field("", description="System turn for training and evaluation (empty: the template's default).")
@@ -132,8 +137,35 @@ class FederationConfig(_Section):
 
 
 class EvalConfig(_Section):
-    generate: bool = Field(True, description="Generate and score answers (False: reference loss only).")
-    max_new_tokens: int = Field(128, ge=1)
+    generate: bool = Field(
+        True, description="Generate and score answers (False: reference loss and multiple choice only)."
+    )
+    generate_every: int | list[int] = Field(
+        0,
+        description="Rounds whose evaluation generates answers (loss and multiple choice run every round). "
+        "0: round 0 and the last round; N > 0: also every N-th round; a list: exactly those rounds.",
+    )
+    generate_per_domain: int = Field(
+        0, ge=0, description="Generate answers for at most this many records per domain (0: all of them)."
+    )
+    max_new_tokens: int = Field(
+        128, ge=1, description="Smallest token budget of a domain (see budget_ratio)."
+    )
+    budget_ratio: float = Field(
+        1.5,
+        gt=0,
+        description="A domain's token budget is budget_ratio x its longest reference (in tokens), at least "
+        "max_new_tokens and at most max_new_tokens_limit, so worked solutions are not cut off.",
+    )
+    max_new_tokens_limit: int = Field(512, ge=1, description="Largest token budget of a domain.")
+    suites: list[Literal["general"]] = Field(
+        default_factory=list,
+        description="Held-out suites no client trains on. 'general': BIG-bench's CRASS and BBH source tasks "
+        "(multiple choice by log-likelihood, offline from the bigbench sdist on PyPI).",
+    )
+    general_items_per_task: int = Field(20, ge=1, description="General suite: items per task.")
+    general_few_shot: int = Field(0, ge=0, description="General suite: solved examples before each item.")
+    general_tasks: list[str] = Field(default_factory=list, description="General suite: tasks (empty: all).")
     batch_size: int = Field(32, ge=1, description="Rows decoded together (continuous batching).")
     code_timeout: float = Field(5.0, gt=0, description="Seconds per code test run.")
     clients: bool = Field(True, description="Evaluate the global model on every client's test split.")
@@ -172,6 +204,15 @@ class EvalConfig(_Section):
                 "make other groups non-capturing with (?:...)"
             )
         return value
+
+    def generates_at(self, server_round: int, last_round: int) -> bool:
+        """Does the evaluation after `server_round` generate answers?"""
+        if not self.generate:
+            return False
+        if isinstance(self.generate_every, list):
+            return server_round in self.generate_every
+        every = self.generate_every
+        return server_round in (0, last_round) or (every > 0 and server_round % every == 0)
 
 
 DEFAULT_LEAK_PHRASES = [

@@ -10,16 +10,21 @@ sums over resampled records).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedsdr.config import EvalConfig
+from fedsdr.config import EvalConfig, RunConfig
 from fedsdr.data.schema import Record
+from fedsdr.io import write_text_atomic
 from fedsdr.train import chat_messages, collate, encode, token_nll
 
 # Rates (0/1 per record): binomial standard errors.
@@ -50,9 +55,32 @@ def reference_losses(
     return out
 
 
-def budget(cfg: EvalConfig, record: Record) -> int:
-    """The record's generation budget: its domain's override, else `max_new_tokens`."""
-    return cfg.max_new_tokens_per_domain.get(record.domain, cfg.max_new_tokens)
+def domain_budgets(cfg: EvalConfig, tokenizer: PreTrainedTokenizerBase, records: Sequence[Record]) -> dict[str, int]:
+    """Each domain's generation budget: its override in `max_new_tokens_per_domain`, else
+    `budget_ratio` x its longest reference in tokens, within [max_new_tokens, max_new_tokens_limit]."""
+    longest: dict[str, int] = defaultdict(int)
+    lengths = tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"] if records else []
+    for record, ids in zip(records, lengths, strict=True):
+        longest[record.domain] = max(longest[record.domain], len(ids))
+    return {
+        domain: cfg.max_new_tokens_per_domain.get(
+            domain, min(cfg.max_new_tokens_limit, max(cfg.max_new_tokens, math.ceil(cfg.budget_ratio * n)))
+        )
+        for domain, n in longest.items()
+    }
+
+
+def generated_subset(cfg: EvalConfig, records: Sequence[Record]) -> list[int]:
+    """Indices of the records whose answers are generated: all but multiple choice, at most
+    `generate_per_domain` per domain (the first ones, in the set's seeded order)."""
+    taken: dict[str, int] = defaultdict(int)
+    chosen = []
+    for i, r in enumerate(records):
+        if r.is_choice or (cfg.generate_per_domain and taken[r.domain] >= cfg.generate_per_domain):
+            continue
+        taken[r.domain] += 1
+        chosen.append(i)
+    return chosen
 
 
 def _score_one(record: Record, response: str, code_timeout: float, answer_regex: str,
@@ -126,8 +154,12 @@ def _aggregate(rows: list[dict[str, float]], losses: list[tuple[float, int]]) ->
 def evaluate_with_predictions(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], cfg: EvalConfig, *,
     autocast: Callable, system_prompt: str = "", seed: int = 0, progress: str | None = None,
+    generate: bool | None = None,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """(figures overall (key "all") and per domain, one prediction row per record).
+
+    `generate` (default `cfg.generate`) says whether answers are generated this time; loss and
+    multiple choice are always computed.
 
     A prediction row (JSON-ready, in the order of `records`): id, domain, scorer, prompt (the
     user turn), response (generated text; for a multiple-choice record the chosen choice; None
@@ -155,11 +187,12 @@ def evaluate_with_predictions(
             extras[i] = {"response": record.choices[found["pred"]], "choices": list(record.choices),
                          "choice_index": record.choice_index, "pred": found["pred"],
                          "pred_norm": found["pred_norm"], "choice_logprobs": found["choice_logprobs"]}
-    gen_idx = [i for i, r in enumerate(records) if not r.is_choice] if cfg.generate else []
+    gen_idx = generated_subset(cfg, records) if (cfg.generate if generate is None else generate) else []
     if gen_idx:
         from fedsdr.generation import generate_detailed
 
-        budgets = [budget(cfg, records[i]) for i in gen_idx]
+        per_domain = domain_budgets(cfg, tokenizer, records)
+        budgets = [per_domain[records[i].domain] for i in gen_idx]
         prompts = [chat_messages(records[i], system_prompt) for i in gen_idx]
         with autocast():
             outputs = generate_detailed(
@@ -190,31 +223,104 @@ def evaluate_with_predictions(
 def evaluate_records(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], cfg: EvalConfig, *,
     autocast: Callable, system_prompt: str = "", seed: int = 0, progress: str | None = None,
+    generate: bool | None = None,
 ) -> dict[str, dict[str, float]]:
     """Figures overall (key "all") and per domain (key = domain name); see
     `evaluate_with_predictions` for the per-record rows as well."""
     result, _ = evaluate_with_predictions(
         model, tokenizer, records, cfg, autocast=autocast, system_prompt=system_prompt, seed=seed, progress=progress,
+        generate=generate,
     )
     return result
 
 
-def flatten(result: dict[str, dict[str, float]]) -> dict[str, float]:
-    """{"all": {...}, "math": {...}} -> {"loss": .., "math/loss": ..}: the form MetricRecords carry."""
-    flat = dict(result.get("all", {}))
-    for domain, figures in result.items():
-        if domain != "all":
-            flat.update({f"{domain}/{k}": v for k, v in figures.items()})
-    return flat
+@dataclass
+class Evaluator:
+    """One model's evaluation settings, shared by the server and the clients. Evaluations of
+    the base model itself (every adapter adding zero, as at round 0) are cached on disk, keyed
+    by the model, the records and the settings, and reused by every run that starts from it."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    autocast: Callable
+    cfg: EvalConfig
+    model_id: str  # the resolved model source (a folder or a hub id)
+    system_prompt: str = ""
+    seed: int = 0
+    cache_dir: Path | None = None  # None: no reuse
+
+    def __call__(self, records: Sequence[Record], *, generate: bool, base_model: bool, progress: str | None = None,
+                 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+        def compute() -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+            return evaluate_with_predictions(
+                self.model, self.tokenizer, records, self.cfg, autocast=self.autocast, system_prompt=self.system_prompt,
+                seed=self.seed, progress=progress, generate=generate,
+            )
+
+        if not (base_model and self.cache_dir is not None):
+            return compute()
+        key = _base_key(self.model_id, self.model, records, self.cfg, self.system_prompt, self.seed, generate)
+        path = self.cache_dir / "eval" / f"base-{key[:24]}.json"
+        if path.exists():
+            try:
+                cached = json.loads(path.read_text(encoding="utf-8"))
+                if cached.get("key") == key:
+                    return cached["result"], cached["predictions"]
+            except (OSError, ValueError):
+                pass  # unreadable: computed again and rewritten below
+        result, predictions = compute()
+        write_text_atomic(path, json.dumps({"key": key, "result": result, "predictions": predictions}))
+        return result, predictions
 
 
-def unflatten(flat: dict[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    overall: dict[str, float] = {}
-    domains: dict[str, dict[str, float]] = defaultdict(dict)
-    for key, value in flat.items():
-        if "/" in key:
-            domain, metric = key.split("/", 1)
-            domains[domain][metric] = value
-        else:
-            overall[key] = value
-    return overall, dict(domains)
+def _base_key(model_id: str, model: torch.nn.Module, records: Sequence[Record], cfg: EvalConfig, system_prompt: str,
+              seed: int, generate: bool) -> str:
+    """sha256 over what determines a base-model evaluation: the model (its weight files' names,
+    sizes and times when it is a folder), dtypes, the records, the settings."""
+    folder = Path(model_id)
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")) \
+        if folder.is_dir() else []
+    param = next(model.parameters())
+    payload = {
+        "version": 1, "model": model_id, "files": files, "dtype": str(param.dtype), "device": param.device.type,
+        "cfg": cfg.model_dump(mode="json"), "system_prompt": system_prompt, "seed": seed, "generate": generate,
+        "records": [r.to_json() for r in records], "torch": torch.__version__,
+    }
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+SELF_CHECK_WARN = 0.05
+
+
+def check_references(cfg: RunConfig, records: Sequence[Record]) -> dict[str, dict[str, Any]]:
+    """The scorer checks itself: each verifiable record's own reference is scored against its
+    answer. Per domain: checked, failed, failed_rate, an example; a warning naming the domain
+    and a failing reference when more than 5% fail (accuracy would then measure formatting)."""
+    from fedsdr.console import console
+    from fedsdr.scoring import reference_self_check
+
+    report = reference_self_check(records, answer_regex=cfg.eval.answer_regex)
+    for domain, entry in sorted(report.items()):
+        entry["failed_rate"] = entry["failed"] / entry["checked"] if entry["checked"] else 0.0
+        if entry["failed_rate"] > SELF_CHECK_WARN:
+            console.print(
+                f"[yellow]warning[/] domain {domain!r}: {entry['failed']} of {entry['checked']} references score "
+                f"as wrong against their own answer, e.g. {entry['example']}; accuracy there would measure "
+                "formatting. Set eval.answer_regex to a regex with one group that extracts the answer."
+            )
+    return report
+
+
+def suite_sets(cfg: RunConfig) -> dict[str, list[Record]]:
+    """The held-out suites `eval.suites` names, by split name ("general": BIG-bench's CRASS and
+    BBH source tasks)."""
+    sets: dict[str, list[Record]] = {}
+    if "general" in cfg.eval.suites:
+        from fedsdr.data.bigbench import load_general_suite
+
+        sets["general"] = load_general_suite(
+            cfg.eval.general_items_per_task, cfg.eval.general_few_shot, cfg.seed,
+            tasks=cfg.eval.general_tasks or None, cache_dir=Path(cfg.model.cache_dir) if cfg.model.cache_dir else None,
+        )
+    return sets

@@ -2,12 +2,15 @@
 
     OUT/config.json                    the resolved config
     OUT/metrics.jsonl                  one JSON object per line (round, scope, kind, figures)
+    OUT/predictions.jsonl              the server's evaluations, one line per record (round, scope, model,
+                                       split, id, prompt, response, reference, scores)
     OUT/summary.json                   final figures
     OUT/checkpoints/round-NNN/         global adapter (PEFT folder) + server state, written atomically
     OUT/clients/client-K/              a simulated client's own disk (`ClientDir`):
         <adapter>/round-NNN/               a local adapter (FedSDR's LoRA-S) after round NNN (PEFT folder)
         distill/round-NNN.jsonl            the distilled set rewritten by the model of round NNN
         distill/round-NNN.diagnostics.json its diagnostics
+        predictions.jsonl                  its own evaluations, one line per record (never sent)
 A deployed SuperNode's `state-dir` is laid out like one `clients/client-K/` folder.
 """
 
@@ -66,6 +69,40 @@ class ClientDir:
     def distill_diagnostics(self, source_round: int) -> Path:
         return self.distilled_set(source_round).with_suffix(".diagnostics.json")
 
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions.jsonl"
+
+
+def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append rows as JSON lines (NaN/inf written as null)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(_clean(row), ensure_ascii=False, allow_nan=False) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file, up to the first line cut by a crash."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash: it belongs to an unfinished round
+                break
+    return rows
+
+
+def truncate_jsonl(path: Path, last_round: int) -> None:
+    """Drop rows of rounds after `last_round` (written by a run that died mid-round)."""
+    if path.exists():
+        keep = [r for r in read_jsonl(path) if r.get("round", 0) <= last_round]
+        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
+
 
 def _clean(value: Any) -> Any:
     """JSON-safe: NaN/inf become null."""
@@ -82,6 +119,7 @@ class RunDir:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.metrics_path = self.root / "metrics.jsonl"
+        self.predictions_path = self.root / "predictions.jsonl"
         self.checkpoints = self.root / "checkpoints"
         self.clients = self.root / "clients"
 
@@ -97,28 +135,21 @@ class RunDir:
 
     # metrics --------------------------------------------------------------
     def append_metrics(self, rows: list[dict[str, Any]]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(_clean(row), ensure_ascii=False, allow_nan=False) + "\n")
-            f.flush()
+        append_jsonl(self.metrics_path, rows)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a crash: it belongs to an unfinished round
-                    break
-        return rows
+        return read_jsonl(self.metrics_path)
 
-    def truncate_metrics(self, last_round: int) -> None:
-        """Drop rows of rounds after `last_round` (written by a run that died mid-round)."""
-        keep = [r for r in self.read_metrics() if r.get("round", 0) <= last_round]
-        write_text_atomic(self.metrics_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
+    def append_predictions(self, rows: list[dict[str, Any]]) -> None:
+        append_jsonl(self.predictions_path, rows)
+
+    def read_predictions(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.predictions_path)
+
+    def truncate(self, last_round: int) -> None:
+        """Drop metrics and predictions of rounds after `last_round` (a run that died mid-round)."""
+        truncate_jsonl(self.metrics_path, last_round)
+        truncate_jsonl(self.predictions_path, last_round)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.root / "summary.json", _clean(summary))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from fedsdr.config import RunConfig
 from fedsdr.data.partition import ClientData
 from fedsdr.data.schema import DataError, Record
+from fedsdr.evaluate import Evaluator, suite_sets
 from fedsdr.models.adapters import (
     AdapterSpec,
     AdapterState,
@@ -27,7 +29,7 @@ from fedsdr.models.adapters import (
     load_adapter_file,
     save_peft_adapter,
 )
-from fedsdr.models.loading import Runtime
+from fedsdr.models.loading import Runtime, resolve_model_source
 from fedsdr.runs import ClientDir
 from fedsdr.train import Example, encode_all
 
@@ -73,6 +75,18 @@ class ClientSession:
 
     def raw_examples(self) -> tuple[list[Example], int]:
         return self.encoded("raw", self.data.train)
+
+    @cached_property
+    def evaluator(self) -> Evaluator:
+        """How this client evaluates: the run's settings, base-model evaluations reused."""
+        cfg = self.cfg
+        return Evaluator(self.model, self.tokenizer, self.runtime.autocast, cfg.eval, resolve_model_source(cfg.model),
+                         cfg.data.system_prompt, cfg.seed, self.cache_dir)
+
+    @cached_property
+    def suites(self) -> dict[str, list[Record]]:
+        """The held-out suites `eval.suites` names, by split name."""
+        return suite_sets(self.cfg)
 
 
 @dataclass

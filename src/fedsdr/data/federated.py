@@ -44,6 +44,16 @@ def load_pool(cfg: DataConfig, seed: int) -> list[Record]:
     return records
 
 
+def load_test_source(cfg: DataConfig, path: str | None = None) -> list[Record]:
+    """`data.test_source` (or a node's own `test-path`), read with the data's field mapping."""
+    source = path or cfg.test_source
+    records = load_records(source, fmt="auto", fields=cfg.fields.model_dump(), split=cfg.split,
+                           default_domain=cfg.default_domain)
+    if not records:
+        raise DataError(f"data.test_source={source!r}: no records")
+    return records
+
+
 def split_client(records: list[Record], client_id: int, cfg: DataConfig, seed: int) -> ClientData:
     train, test = split_train_test(records, cfg.test_fraction, seed + 1000 + client_id, cfg.max_test_per_client)
     return ClientData(client_id=client_id, train=train, test=test)
@@ -53,7 +63,10 @@ def split_client(records: list[Record], client_id: int, cfg: DataConfig, seed: i
 def _build(data_json: str, partition_json: str, seed: int) -> FederatedData:
     cfg = DataConfig.model_validate_json(data_json)
     part = PartitionConfig.model_validate_json(partition_json)
-    pool, global_test = hold_out_global_test(load_pool(cfg, seed), cfg.global_test_per_domain, seed)
+    if cfg.test_source:  # the user's own global test set; every pooled record goes to the clients
+        pool, global_test = load_pool(cfg, seed), load_test_source(cfg)
+    else:
+        pool, global_test = hold_out_global_test(load_pool(cfg, seed), cfg.global_test_per_domain, seed)
     parts = partition_records(
         pool, num_clients=part.num_clients, method=part.method, seed=seed, alpha=part.alpha,
         domains_per_client=part.domains_per_client,

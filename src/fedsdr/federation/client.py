@@ -8,6 +8,7 @@ algorithm-specific decision comes from the run's `Algorithm`.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,19 @@ from flwr.clientapp import ClientApp
 from fedsdr.algorithms import Algorithm, ClientSession, LocalState, get_algorithm
 from fedsdr.config import RunConfig, config_from_json
 from fedsdr.console import quiet_libraries
-from fedsdr.data.federated import build_federated_data, load_silo_data
-from fedsdr.evaluate import evaluate_records
+from fedsdr.data.federated import build_federated_data, load_silo_data, load_test_source
+from fedsdr.evaluate import check_references
 from fedsdr.federation.messages import identity, pack_evaluation
-from fedsdr.models.adapters import activate, from_arrayrecord, set_adapter_state, to_arrayrecord
-from fedsdr.models.cache import default_cache_dir
+from fedsdr.models.adapters import (
+    activate,
+    adds_nothing,
+    from_arrayrecord,
+    set_adapter_state,
+    to_arrayrecord,
+)
+from fedsdr.models.cache import resolve_cache_dir
 from fedsdr.models.loading import shared_model
-from fedsdr.runs import ClientDir
+from fedsdr.runs import ClientDir, append_jsonl, client_name
 
 client_app = ClientApp()
 
@@ -39,14 +46,16 @@ def new_session(cfg: RunConfig, client_id: int, state_root: Path, node_config: d
     algorithm = get_algorithm(cfg)
     model, tokenizer, runtime, _ = shared_model(cfg.model, cfg.lora, algorithm.adapters(cfg), cfg.seed)
     node = node_config or {}
-    if "data-path" in node:  # a deployed silo reads its own file
+    if "data-path" in node:  # a deployed silo reads its own file (and checks its own references)
         data = load_silo_data(str(node["data-path"]), client_id, cfg.data, cfg.seed)
+        if "test-path" in node:  # ... and may name its own test file
+            data = replace(data, test=load_test_source(cfg.data, str(node["test-path"])))
+        check_references(cfg, data.train + data.test)
     else:
         data = build_federated_data(cfg.data, cfg.partition, cfg.seed).clients[client_id]
-    cache = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
     return ClientSession(
         cfg=cfg, client_id=client_id, model=model, tokenizer=tokenizer, runtime=runtime, data=data,
-        disk=ClientDir.under(state_root, client_id), cache_dir=cache,
+        disk=ClientDir.under(state_root, client_id), cache_dir=resolve_cache_dir(cfg.model.cache_dir or None),
     )
 
 
@@ -89,26 +98,35 @@ def train(msg: Message, context: Context) -> Message:
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Each model the algorithm names (the global one; personalized ones with the client's
-    local adapters as they are now) on this client's test split."""
+    local adapters as they are now) on this client's test split; the personalized ones also on
+    the held-out suites (the server evaluates the global model there). Predictions stay in the
+    client's own folder; only the figures go back."""
     session, algorithm = client_session(msg, context)
     cfg, model = session.cfg, session.model
-    server_round = int(msg.content["config"]["server-round"])
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    generate = bool(config.get("generate", cfg.eval.generate))
     states = {
         algorithm.global_adapter: from_arrayrecord(msg.content["arrays"]),
         **algorithm.load_local_state(session, _held_state(context), server_round + 1),
     }
-    evaluation = {}
+    evaluation, predictions = {}, []
     for label, active in algorithm.eval_models(cfg).items():
         for name in active:
             set_adapter_state(model, name, states[name])
         activate(model, active, trainable=[])
-        evaluation[label] = evaluate_records(
-            model, session.tokenizer, session.data.test, cfg.eval, autocast=session.runtime.autocast,
-            system_prompt=cfg.data.system_prompt, seed=cfg.seed,
-            progress=f"client {session.client_id}: eval {label}",
-        )
-    content = pack_evaluation(evaluation, len(session.data.test), session.client_id)
-    return Message(content, reply_to=msg)
+        base_model = all(adds_nothing(states[name]) for name in active)
+        sets = {"client_test": session.data.test}
+        if label != "global":
+            sets.update(session.suites)
+        for split, records in sets.items():
+            result, preds = session.evaluator(records, generate=generate, base_model=base_model,
+                                              progress=f"client {session.client_id}: {label} on {split}")
+            evaluation[(label, split)] = result
+            where = {"round": server_round, "scope": client_name(session.client_id), "model": label, "split": split}
+            predictions.extend({**where, **p} for p in preds)
+    append_jsonl(session.disk.predictions, predictions)
+    return Message(pack_evaluation(evaluation, len(session.data.test), session.client_id), reply_to=msg)
 
 
 __all__ = ["client_app", "client_session", "new_session"]

@@ -2,10 +2,10 @@
 
 A training reply carries the global adapter (ArrayRecord "arrays") and a MetricRecord
 "metrics" with `num-examples` and `partition-id` (Flower's conventions). An evaluation reply
-carries, for each model the client evaluated (a label such as "global" or "personalized"),
-one MetricRecord under that label mapping each metric to its values per domain, in the order
-the ConfigRecord "evaluation" lists (`models`, `domains`; domain "all" first). A figure that
-does not apply to a domain is NaN on the wire and absent once unpacked.
+carries one MetricRecord "eval-I" per (model, split) the client evaluated, mapping each metric
+to its values per domain, in the order the ConfigRecord "evaluation" lists them: `models[I]`
+and `splits[I]` name entry I, `domains` the columns ("all" first). A figure that does not apply
+to a domain is NaN on the wire and absent once unpacked.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-# label -> domain ("all" first) -> metric -> value
-Evaluation = dict[str, dict[str, dict[str, float]]]
+# (model label, split) -> domain ("all" first) -> metric -> value
+Evaluation = dict[tuple[str, str], dict[str, dict[str, float]]]
 
 INDEX = "evaluation"
 IDENTITY = "metrics"
@@ -28,17 +28,17 @@ def identity(num_examples: int, partition_id: int, **figures: float) -> MetricRe
 
 
 def pack_evaluation(evaluation: Evaluation, num_examples: int, partition_id: int) -> RecordDict:
-    labels = list(evaluation)
-    if set(labels) & {INDEX, IDENTITY}:
-        raise ValueError(f"model labels may not be {INDEX!r} or {IDENTITY!r}")
+    entries = list(evaluation)
     domains = sorted({d for result in evaluation.values() for d in result}, key=lambda d: (d != "all", d))
     content = RecordDict({
         IDENTITY: identity(num_examples, partition_id),
-        INDEX: ConfigRecord({"models": labels, "domains": domains}),
+        INDEX: ConfigRecord({"models": [m for m, _ in entries], "splits": [s for _, s in entries],
+                             "domains": domains}),
     })
-    for label, result in evaluation.items():
+    for i, entry in enumerate(entries):
+        result = evaluation[entry]
         metrics = sorted({m for figures in result.values() for m in figures})
-        content[label] = MetricRecord({
+        content[f"eval-{i}"] = MetricRecord({
             m: [float(result.get(d, {}).get(m, math.nan)) for d in domains] for m in metrics
         })
     return content
@@ -49,11 +49,11 @@ def unpack_evaluation(content: RecordDict) -> tuple[Evaluation, dict[str, Any]]:
     index = content[INDEX]
     domains = list(index["domains"])
     evaluation: Evaluation = {}
-    for label in index["models"]:
+    for i, entry in enumerate(zip(index["models"], index["splits"], strict=True)):
         per_domain: dict[str, dict[str, float]] = {d: {} for d in domains}
-        for metric, values in content[label].items():
+        for metric, values in content[f"eval-{i}"].items():
             for domain, value in zip(domains, values, strict=True):
                 if not math.isnan(value):
                     per_domain[domain][metric] = value
-        evaluation[label] = per_domain
+        evaluation[entry] = {d: figures for d, figures in per_domain.items() if figures}
     return evaluation, dict(content[IDENTITY])

@@ -17,10 +17,11 @@ from fedsdr.algorithms import Algorithm, derive_seed, get_algorithm
 from fedsdr.config import RunConfig
 from fedsdr.console import console, task
 from fedsdr.data.federated import build_federated_data
-from fedsdr.evaluate import evaluate_records
+from fedsdr.evaluate import Evaluator, check_references, suite_sets
 from fedsdr.federation.messages import unpack_evaluation
 from fedsdr.models.adapters import (
     activate,
+    adds_nothing,
     arrayrecord_nbytes,
     fresh_adapter_state,
     from_arrayrecord,
@@ -29,6 +30,7 @@ from fedsdr.models.adapters import (
     set_adapter_state,
     to_arrayrecord,
 )
+from fedsdr.models.cache import resolve_cache_dir
 from fedsdr.models.loading import shared_model
 from fedsdr.runs import RunDir, client_name, load_server_state, save_server_state
 
@@ -48,47 +50,58 @@ class Server:
         self.model, self.tokenizer, self.runtime, self.source = shared_model(
             cfg.model, cfg.lora, self.algorithm.adapters(cfg), cfg.seed
         )
-        self.global_test = build_federated_data(cfg.data, cfg.partition, cfg.seed).global_test
+        data = build_federated_data(cfg.data, cfg.partition, cfg.seed)
+        self.eval_sets = {"global_test": data.global_test, **suite_sets(cfg)}
+        self.self_check = check_references(cfg, [*data.global_test, *(r for c in data.clients for r in c.train + c.test)])
+        self.evaluator = Evaluator(self.model, self.tokenizer, self.runtime.autocast, cfg.eval, self.source,
+                                   cfg.data.system_prompt, cfg.seed, resolve_cache_dir(cfg.model.cache_dir or None))
 
-    def base_config(self) -> ConfigRecord:
+    def base_config(self, server_round: int = 0) -> ConfigRecord:
         return ConfigRecord({
             "fedsdr-config": self.cfg.to_json(),
             "client-state-root": str(self.run.clients),
+            "generate": self.cfg.eval.generates_at(server_round, self.cfg.federation.rounds),
         })
 
     # evaluation -------------------------------------------------------------
-    def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
-        set_adapter_state(self.model, self.spec.name, from_arrayrecord(arrays))
+    def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> list[dict[str, Any]]:
+        """The global model on the global held-out set and the held-out suites; its predictions
+        go to the run's predictions.jsonl."""
+        state = from_arrayrecord(arrays)
+        set_adapter_state(self.model, self.spec.name, state)
         activate(self.model, [self.spec.name], trainable=[])
-        result = evaluate_records(
-            self.model, self.tokenizer, self.global_test, self.cfg.eval, autocast=self.runtime.autocast,
-            system_prompt=self.cfg.data.system_prompt, seed=self.cfg.seed, progress="server: global eval",
-        )
-        overall = result.pop("all", {})
-        return {"round": server_round, "scope": "global", "kind": "eval", "model": "global",
-                "split": "global_test", **overall, "domains": result}
+        generate = self.cfg.eval.generates_at(server_round, self.cfg.federation.rounds)
+        rows, predictions = [], []
+        for split, records in self.eval_sets.items():
+            result, preds = self.evaluator(records, generate=generate, base_model=adds_nothing(state),
+                                           progress=f"server: {split}")
+            where = {"round": server_round, "scope": "global", "model": "global", "split": split}
+            rows.append({**where, "kind": "eval", **result.pop("all", {}), "generated": generate, "domains": result})
+            predictions.extend({**where, **p} for p in preds)
+        self.run.append_predictions(predictions)
+        return rows
 
     def evaluate_clients(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> list[dict[str, Any]]:
         if not self.cfg.eval.clients or self.cfg.federation.fraction_evaluate == 0:
             return []
         random.seed(derive_seed(self.cfg.seed, "sample-eval", server_round))
-        messages = self.strategy.configure_evaluate(server_round, arrays, self.base_config(), grid)
+        messages = self.strategy.configure_evaluate(server_round, arrays, self.base_config(server_round), grid)
+        generate = self.cfg.eval.generates_at(server_round, self.cfg.federation.rounds)
         keyed = []
         for reply in _ok(grid.send_and_receive(messages)):
             evaluation, ident = unpack_evaluation(reply.content)
             cid = int(ident["partition-id"])
-            for label, result in evaluation.items():
-                overall = result.pop("all", {})
-                keyed.append(((label, cid), {
+            for (label, split), result in evaluation.items():
+                keyed.append(((label, split, cid), {
                     "round": server_round, "scope": client_name(cid), "kind": "eval", "model": label,
-                    "split": "client_test", **overall, "num_examples": ident["num-examples"], "domains": result,
+                    "split": split, **result.pop("all", {}), "generated": generate, "domains": result,
                 }))
         return [row for _, row in sorted(keyed, key=lambda item: item[0])]
 
     # rounds ----------------------------------------------------------------
     def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, list[dict]]:
         random.seed(derive_seed(self.cfg.seed, "sample-train", server_round))  # Flower samples with `random`
-        messages = list(self.strategy.configure_train(server_round, arrays, self.base_config(), grid))
+        messages = list(self.strategy.configure_train(server_round, arrays, self.base_config(server_round), grid))
         bytes_down = arrayrecord_nbytes(arrays)
         replies = _ok(grid.send_and_receive(messages))
         if not replies:
@@ -136,13 +149,13 @@ class Server:
         cfg, run = self.cfg, self.run
         start = run.last_checkpoint() if resume else 0
         if start:
-            run.truncate_metrics(start)
+            run.truncate(start)
             arrays = self.restore(start)
             console.print(f"[bold]resuming[/] after round {start} from {run.checkpoint_dir(start)}")
         else:
             arrays = self.initial_arrays()
-            run.truncate_metrics(-1)
-            rows = [self.evaluate_global(0, arrays), *self.evaluate_clients(grid, 0, arrays)]
+            run.truncate(-1)
+            rows = [*self.evaluate_global(0, arrays), *self.evaluate_clients(grid, 0, arrays)]
             run.append_metrics(rows)
             report.print_round(cfg, 0, rows)
         t0 = time.perf_counter()
@@ -150,7 +163,7 @@ class Server:
             advance(start)
             for server_round in range(start + 1, cfg.federation.rounds + 1):
                 arrays, train_rows = self.train_round(grid, server_round, arrays)
-                eval_rows = [self.evaluate_global(server_round, arrays),
+                eval_rows = [*self.evaluate_global(server_round, arrays),
                              *self.evaluate_clients(grid, server_round, arrays)]
                 run.append_metrics(train_rows + eval_rows)
                 self.checkpoint(server_round, arrays)  # after the metrics: a complete round
@@ -158,6 +171,7 @@ class Server:
                 advance(1)
         summary = report.summarize(cfg, run.read_metrics())
         summary["seconds_this_session"] = time.perf_counter() - t0
+        summary["scorer_self_check"] = self.self_check
         run.write_summary(summary)
         return summary
 

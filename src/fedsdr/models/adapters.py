@@ -106,6 +106,11 @@ def fresh_adapter_state(model: PeftModel, adapter: str, seed: int) -> AdapterSta
     return state
 
 
+def adds_nothing(state: Mapping[str, np.ndarray]) -> bool:
+    """True when the adapter leaves the base model unchanged (every lora_B is zero, as at init)."""
+    return all(not np.any(v) for k, v in state.items() if "lora_B" in k)
+
+
 def to_arrayrecord(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
