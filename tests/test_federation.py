@@ -98,7 +98,7 @@ def _client_update(cfg, client_id: int, tmp_path: Path) -> tuple[dict, dict]:  #
     # a non-zero B so the global adapter is not at the origin
     global_state = {k: v + (0.01 if "lora_B" in k else 0.0) for k, v in global_state.items()}
     config = {"proximal-mu": cfg.federation.proximal_mu}
-    result = algorithm.train(session, global_state, 1, config, {})
+    result = algorithm.train(session, global_state, 1, config, {}, {})
     return global_state, result.state
 
 
@@ -138,10 +138,12 @@ def test_clients_send_only_adapter_tensors_and_numbers(tmp_path: Path) -> None:
             assert set(record) == expected_keys
 
 
-def test_resume_after_kill_between_rounds_matches_uninterrupted(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedadam", "fedavgm"])
+def test_resume_after_kill_between_rounds_matches_uninterrupted(tmp_path: Path, monkeypatch, algorithm: str) -> None:
     config = str(ROOT / "configs/smoke.toml")
+    overrides = ["--set", f"federation.algorithm={algorithm}", "--set", "eval.generate=false"]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    assert main(["run", "--config", config, "--out", str(full)]) == 0
+    assert main(["run", "--config", config, "--out", str(full), *overrides]) == 0
 
     original = Server.checkpoint
 
@@ -153,8 +155,11 @@ def test_resume_after_kill_between_rounds_matches_uninterrupted(tmp_path: Path, 
             raise KeyboardInterrupt
 
     monkeypatch.setattr(Server, "checkpoint", die_after_round_1)
-    assert main(["run", "--config", config, "--out", str(killed)]) == 130
+    assert main(["run", "--config", config, "--out", str(killed), *overrides]) == 130
     assert RunDir(killed).last_checkpoint() == 1
+    # the strategy's state is data (JSON + safetensors), never pickle
+    assert sorted(p.name for p in (killed / "checkpoints/round-001").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "server_state.json", "server_state.safetensors"]
     monkeypatch.setattr(Server, "checkpoint", original)
     assert main(["run", "--resume", "--out", str(killed)]) == 0
 

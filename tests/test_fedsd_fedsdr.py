@@ -101,7 +101,7 @@ def test_fedsd_training_batches_hold_the_distilled_targets(tmp_path: Path, monke
 
     monkeypatch.setattr(train_module, "collate", spy)
     state = fresh_adapter_state(session.model, "default", 0)
-    get_algorithm(cfg).train(session, state, 1, {}, {})
+    get_algorithm(cfg).train(session, state, 1, {}, {}, {})
     assert seen
     assert set(seen) <= set(targets.values())
     assert not set(seen) & {r.output.strip() for r in session.data.train}
@@ -197,10 +197,10 @@ def test_lora_s_continues_across_rounds_and_after_resume(tmp_path: Path, monkeyp
     loaded: dict[tuple[int, int], dict] = {}
     original_train = fedsdr_module.FedSDR.train
 
-    def record_load(self, session, global_state, server_round, config, local_state):  # noqa: ANN001, ANN202
+    def record_load(self, session, global_state, server_round, config, local_state, received):  # noqa: ANN001, ANN202
         smooth = local_state[fedsdr_module.SMOOTH]
         loaded[(session.client_id, server_round)] = {k: v.copy() for k, v in smooth.items()}
-        return original_train(self, session, global_state, server_round, config, local_state)
+        return original_train(self, session, global_state, server_round, config, local_state, received)
 
     monkeypatch.setattr(fedsdr_module.FedSDR, "train", record_load)
     full = tmp_path / "full"

@@ -5,9 +5,11 @@
     OUT/predictions.jsonl              the server's evaluations, one line per record (round, scope, model,
                                        split, id, prompt, response, reference, scores)
     OUT/summary.json                   final figures
-    OUT/checkpoints/round-NNN/         global adapter (PEFT folder) + server state, written atomically
+    OUT/checkpoints/round-NNN/         global adapter (PEFT folder) + server state (JSON + safetensors),
+                                       written atomically as one folder
     OUT/clients/client-K/              a simulated client's own disk (`ClientDir`):
         <adapter>/round-NNN/               a local adapter (FedSDR's LoRA-S) after round NNN (PEFT folder)
+        <name>/round-NNN.safetensors       other local tensors (SCAFFOLD's control variate c_i)
         distill/round-NNN.jsonl            the distilled set rewritten by the model of round NNN
         distill/round-NNN.diagnostics.json its diagnostics
         predictions.jsonl                  its own evaluations, one line per record (never sent)
@@ -18,10 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 
 from fedsdr.config import RunConfig, config_from_json
 from fedsdr.io import write_json_atomic, write_text_atomic
@@ -60,6 +65,16 @@ class ClientDir:
         for r in range(up_to_round, 0, -1):
             if (self.adapter(name, r) / "adapter_model.safetensors").exists():
                 return self.adapter(name, r)
+        return None
+
+    def local_tensors(self, name: str, server_round: int) -> Path:
+        """Local tensors `name` that are not an adapter (e.g. SCAFFOLD's c_i) after `server_round`."""
+        return self.root / name / f"{round_name(server_round)}.safetensors"
+
+    def last_local_tensors(self, name: str, up_to_round: int) -> Path | None:
+        for r in range(up_to_round, 0, -1):
+            if self.local_tensors(name, r).exists():
+                return self.local_tensors(name, r)
         return None
 
     def distilled_set(self, source_round: int) -> Path:
@@ -165,7 +180,7 @@ class RunDir:
         rounds = [
             _round_of(p) for p in self.checkpoints.glob("round-*")
             if _round_of(p) is not None and (p / "adapter_model.safetensors").exists()
-            and (p / "server_state.pkl").exists()
+            and (p / "server_state.json").exists()
         ]
         return max(rounds, default=0)
 
@@ -173,9 +188,50 @@ class RunDir:
         return ClientDir.under(self.clients, client_id)
 
 
-def save_server_state(folder: Path, state: dict[str, Any]) -> None:
-    (folder / "server_state.pkl").write_bytes(pickle.dumps(state))
+def write_server_state(folder: Path, state: dict[str, Any]) -> None:
+    """A strategy's state as JSON (scalars, and the layout of its arrays) + safetensors (arrays:
+    Flower's ArrayRecords, lists and dicts of arrays, in their order): nothing that runs code
+    when read back."""
+    from flwr.app import ArrayRecord
+
+    arrays: dict[str, np.ndarray] = {}
+    scalars: dict[str, Any] = {}
+    layout: dict[str, dict[str, Any]] = {}
+    for name, value in state.items():
+        if isinstance(value, ArrayRecord):
+            value, kind = {k: a.numpy() for k, a in value.items()}, "arrayrecord"
+        elif isinstance(value, np.ndarray):
+            value, kind = {"": value}, "array"
+        elif isinstance(value, list | tuple) and value and all(isinstance(v, np.ndarray) for v in value):
+            value, kind = {str(i): v for i, v in enumerate(value)}, "list"
+        elif isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
+            kind = "dict"
+        elif value is None or isinstance(value, bool | int | float | str):
+            scalars[name] = value
+            continue
+        else:
+            raise TypeError(f"server state {name!r}: cannot save a {type(value).__name__}")
+        layout[name] = {"kind": kind, "keys": list(value)}
+        arrays.update({f"{name}/{k}": np.ascontiguousarray(v) for k, v in value.items()})
+    (folder / "server_state.json").write_text(json.dumps({"scalars": scalars, "arrays": layout}, indent=2) + "\n")
+    save_numpy(arrays, str(folder / "server_state.safetensors"))
 
 
-def load_server_state(folder: Path) -> dict[str, Any]:
-    return pickle.loads((folder / "server_state.pkl").read_bytes())
+def read_server_state(folder: Path) -> dict[str, Any]:
+    from flwr.app import Array, ArrayRecord
+
+    meta = json.loads((folder / "server_state.json").read_text(encoding="utf-8"))
+    tensors = load_numpy(str(folder / "server_state.safetensors"))
+    state: dict[str, Any] = dict(meta["scalars"])
+    for name, entry in meta["arrays"].items():
+        values = [tensors[f"{name}/{k}"] for k in entry["keys"]]
+        kind = entry["kind"]
+        if kind == "arrayrecord":
+            state[name] = ArrayRecord({k: Array(v) for k, v in zip(entry["keys"], values, strict=True)})
+        elif kind == "array":
+            state[name] = values[0]
+        elif kind == "list":
+            state[name] = values
+        else:
+            state[name] = dict(zip(entry["keys"], values, strict=True))
+    return state

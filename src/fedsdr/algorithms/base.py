@@ -98,6 +98,7 @@ class TrainResult:
     num_examples: int
     metrics: dict[str, float]
     local_state: LocalState = field(default_factory=dict)
+    extra: dict[str, AdapterState] = field(default_factory=dict)  # more tensors for the server (SCAFFOLD's delta c_i)
 
 
 class Algorithm:
@@ -153,8 +154,10 @@ class Algorithm:
         raise NotImplementedError
 
     def train(self, session: ClientSession, global_state: AdapterState, server_round: int,
-              config: dict[str, Any], local_state: LocalState) -> TrainResult:
-        """The client's local work in `server_round`, starting from the global adapter."""
+              config: dict[str, Any], local_state: LocalState, received: dict[str, AdapterState]) -> TrainResult:
+        """The client's local work in `server_round`, starting from the global adapter. `config`
+        is the round's ConfigRecord, `received` any tensors the strategy sent besides the global
+        adapter (ArrayRecords other than "arrays", e.g. SCAFFOLD's server control variate)."""
         raise NotImplementedError
 
 

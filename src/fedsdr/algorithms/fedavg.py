@@ -43,7 +43,7 @@ class FedAvg(Algorithm):
         return FlowerFedAvg(**sampling_kwargs(cfg))
 
     def train(self, session: ClientSession, global_state: AdapterState, server_round: int,
-              config: dict[str, Any], local_state: LocalState) -> TrainResult:
+              config: dict[str, Any], local_state: LocalState, received: dict[str, AdapterState]) -> TrainResult:
         cfg, model, adapter = session.cfg, session.model, self.global_adapter
         metrics: dict[str, float] = {}
         if cfg.distill.enabled:  # Algorithm + FedSD: train on the distilled set

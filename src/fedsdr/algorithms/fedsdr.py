@@ -62,7 +62,7 @@ class FedSDR(Algorithm):
         return server_strategy(cfg)
 
     def train(self, session: ClientSession, global_state: AdapterState, server_round: int,
-              config: dict[str, Any], local_state: LocalState) -> TrainResult:
+              config: dict[str, Any], local_state: LocalState, received: dict[str, AdapterState]) -> TrainResult:
         cfg, model = session.cfg, session.model
         distilled = client_distilled_set(session, server_round, RECTIFY, global_state)
         distilled_examples, dropped_d = session.encoded(f"distilled-{session.distilled_from_round}", distilled)

@@ -86,13 +86,17 @@ def train(msg: Message, context: Context) -> Message:
     config = dict(msg.content["config"])
     server_round = int(config["server-round"])
     global_state = from_arrayrecord(msg.content["arrays"])
+    received = {k: from_arrayrecord(v) for k, v in msg.content.array_records.items() if k != "arrays"}
     local_state = algorithm.load_local_state(session, _held_state(context), server_round)
-    result = algorithm.train(session, global_state, server_round, config, local_state)
+    result = algorithm.train(session, global_state, server_round, config, local_state, received)
     algorithm.save_local_state(session, server_round, result.local_state)
     for name, state in result.local_state.items():
         context.state[name] = to_arrayrecord(state)
     metrics = identity(result.num_examples, session.client_id, **result.metrics)
-    return Message(RecordDict({"arrays": to_arrayrecord(result.state), "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"arrays": to_arrayrecord(result.state), "metrics": metrics})
+    for name, state in result.extra.items():
+        content[name] = to_arrayrecord(state)
+    return Message(content, reply_to=msg)
 
 
 @client_app.evaluate()

@@ -19,6 +19,7 @@ from fedsdr.console import console, task
 from fedsdr.data.federated import build_federated_data
 from fedsdr.evaluate import Evaluator, check_references, suite_sets
 from fedsdr.federation.messages import unpack_evaluation
+from fedsdr.io import atomic_dir
 from fedsdr.models.adapters import (
     activate,
     adds_nothing,
@@ -26,13 +27,13 @@ from fedsdr.models.adapters import (
     fresh_adapter_state,
     from_arrayrecord,
     load_adapter_file,
-    save_peft_adapter,
     set_adapter_state,
     to_arrayrecord,
+    write_peft_adapter,
 )
 from fedsdr.models.cache import resolve_cache_dir
 from fedsdr.models.loading import shared_model
-from fedsdr.runs import RunDir, client_name, load_server_state, save_server_state
+from fedsdr.runs import RunDir, client_name, read_server_state, write_server_state
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
@@ -132,9 +133,10 @@ class Server:
         return new_arrays, rows
 
     def checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
-        folder = self.run.checkpoint_dir(server_round)
-        save_peft_adapter(folder, from_arrayrecord(arrays), self.spec, self.cfg.lora, self.source)
-        save_server_state(folder, {"strategy": strategy_state(self.strategy)})
+        """The global adapter and the strategy's state, in one folder that appears atomically."""
+        with atomic_dir(self.run.checkpoint_dir(server_round)) as folder:
+            write_peft_adapter(folder, from_arrayrecord(arrays), self.spec, self.cfg.lora, self.source)
+            write_server_state(folder, strategy_state(self.strategy))
 
     def initial_arrays(self) -> ArrayRecord:
         state = fresh_adapter_state(self.model, self.spec.name, derive_seed(self.cfg.seed, "global-init"))
@@ -142,7 +144,7 @@ class Server:
 
     def restore(self, last_round: int) -> ArrayRecord:
         folder = self.run.checkpoint_dir(last_round)
-        vars(self.strategy).update(load_server_state(folder)["strategy"])
+        vars(self.strategy).update(read_server_state(folder))
         return to_arrayrecord(load_adapter_file(folder))
 
     def run_rounds(self, grid: Grid, resume: bool = False) -> dict[str, Any]:

@@ -112,7 +112,8 @@ def adds_nothing(state: Mapping[str, np.ndarray]) -> bool:
 
 
 def to_arrayrecord(state: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+    """Tensors in sorted key order: strategies that zip lists of arrays (FedAvgM) need one order."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(state[k])) for k in sorted(state)})
 
 
 def from_arrayrecord(record: ArrayRecord) -> AdapterState:
@@ -124,22 +125,22 @@ def arrayrecord_nbytes(record: ArrayRecord) -> int:
     return int(sum(np.prod(a.shape, dtype=np.int64) * np.dtype(a.dtype).itemsize for a in record.values()))
 
 
-def save_peft_adapter(
-    out_dir: Path,
-    state: Mapping[str, np.ndarray],
-    spec: AdapterSpec,
-    lora: LoraSettings,
-    base_model: str,
+def write_peft_adapter(
+    folder: Path, state: Mapping[str, np.ndarray], spec: AdapterSpec, lora: LoraSettings, base_model: str
 ) -> None:
-    """Write a standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors), atomically."""
+    """Write a standard PEFT adapter (adapter_config.json + adapter_model.safetensors) into `folder`."""
+    config = spec.lora_config(lora)
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(str(folder))
+    save_numpy({k: np.ascontiguousarray(v) for k, v in state.items()}, str(Path(folder) / "adapter_model.safetensors"))
+
+
+def save_peft_adapter(
+    out_dir: Path, state: Mapping[str, np.ndarray], spec: AdapterSpec, lora: LoraSettings, base_model: str
+) -> None:
+    """A standard PEFT adapter folder, written atomically."""
     with atomic_dir(Path(out_dir)) as tmp:
-        config = spec.lora_config(lora)
-        config.base_model_name_or_path = base_model
-        config.save_pretrained(str(tmp))
-        save_numpy(
-            {k: np.ascontiguousarray(v) for k, v in state.items()},
-            str(tmp / "adapter_model.safetensors"),
-        )
+        write_peft_adapter(tmp, state, spec, lora, base_model)
 
 
 def load_adapter_file(folder: Path) -> AdapterState:
