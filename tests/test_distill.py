@@ -115,7 +115,7 @@ def test_rewrite_messages() -> None:
 CLEAN_MATH = "Six sevens make 42.\nAnswer: 42"
 CLEAN_FAQ = "Concrete gains most of its strength after roughly 28 days."
 LOOPING = "the cat sat down " * 6  # 17 of 21 4-grams repeat
-INFLATED = " ".join(f"Week {i}: the slab keeps curing and hardening." for i in range(5))
+INFLATED = " ".join(f"Week {i}: the slab keeps curing and hardening." for i in range(6))  # 48 words
 CASES = [  # record, rewrite, truncated, expected reason
     (FAQ, CLEAN_FAQ, NO_TRUNC, None),
     (MATH, CLEAN_MATH, NO_TRUNC, None),
@@ -133,6 +133,23 @@ CASES = [  # record, rewrite, truncated, expected reason
 @pytest.mark.parametrize(("record", "rewrite", "truncated", "reason"), CASES)
 def test_filters_fire(record: Record, rewrite: str, truncated: bool, reason: str | None) -> None:
     assert check_rewrite(record, rewrite, truncated, FilterConfig()) == reason
+
+
+def test_paper_profile_keeps_all_but_empty_rewrites_and_leaks() -> None:
+    paper = FilterConfig(profile="paper")
+    expected = {"degenerate": None, "inflation": None, "answer_inconsistent": None, "leak": "leak", None: None}
+    for record, rewrite, truncated, reason in CASES:
+        want = "degenerate" if not rewrite.strip() else expected[reason]
+        if reason == "degenerate" and "reference answer" in rewrite:
+            want = "leak"
+        assert check_rewrite(record, rewrite, truncated, paper) == want, rewrite
+
+
+def test_a_sentence_for_a_one_word_reference_is_not_inflation() -> None:
+    yes = Record(id="y", instruction="Is 7 prime?", output="Yes", domain="logic", answer="Yes", scorer="exact")
+    sentence = "Yes: seven has no divisors other than one and itself, so it is prime."  # 14 words vs 1
+    assert check_rewrite(yes, sentence, False, FilterConfig(answer_consistency=False)) is None
+    assert check_rewrite(yes, sentence, False, FilterConfig(answer_consistency=False, inflation_floor=1)) == "inflation"
 
 
 def test_filter_switches_and_thresholds() -> None:

@@ -234,6 +234,11 @@ DEFAULT_LEAK_PHRASES = [
 class FilterConfig(_Section):
     """Which fallback rules are on, and their thresholds."""
 
+    profile: Literal["safe", "paper"] = Field(
+        "safe",
+        description="safe: every rule below that is switched on. paper: FedSD as the paper states it, keeping "
+        "every rewrite except empty ones and (when `leak` is on) those that talk about the reference.",
+    )
     leak: bool = Field(True, description="Fall back when the rewrite mentions the reference.")
     degenerate: bool = Field(
         True,
@@ -241,7 +246,13 @@ class FilterConfig(_Section):
     )
     inflation: bool = Field(True, description="Fall back when the rewrite is much longer.")
     max_length_ratio: float = Field(
-        2.5, gt=0, description="Inflation bound on words(rewrite) / max(1, words(reference))."
+        2.5, gt=0, description="Inflation bound: words(rewrite) > max_length_ratio x max(inflation_floor, words(reference))."
+    )
+    inflation_floor: int = Field(
+        16,
+        ge=1,
+        description="Words a reference counts as at least, so a one-sentence answer to a one-word reference "
+        "is not inflation.",
     )
     answer_consistency: bool = Field(
         True,

@@ -1,7 +1,8 @@
 """Filtering rules: when a rewrite is unusable, the training target falls back to the raw output.
 
 Rules run in a fixed order and the first that fires names the fallback reason:
-degenerate, leak, inflation, answer_inconsistent.
+degenerate, leak, inflation, answer_inconsistent. Profile "paper" keeps every rewrite but
+empty ones (reason degenerate) and leaks; profile "safe" runs every rule switched on.
 """
 
 from __future__ import annotations
@@ -40,17 +41,19 @@ def check_rewrite(
     `consistent` may carry an already computed `is_consistent(record, rewrite)`, so the
     (possibly slow) scorer is not run twice.
     """
-    from fedsdr.scoring import repeated_ngram_rate
+    from fedsdr.scoring import repeated_ngram_rate, word_count
 
+    leaks = cfg.leak and any(p.lower() in rewrite.lower() for p in cfg.leak_phrases if p)
+    if cfg.profile == "paper":
+        return "degenerate" if not rewrite.strip() else "leak" if leaks else None
     if cfg.degenerate and (
         not rewrite.strip() or truncated or repeated_ngram_rate(rewrite, 4) > cfg.max_repeat_rate
     ):
         return "degenerate"
-    if cfg.leak:
-        lowered = rewrite.lower()
-        if any(p.lower() in lowered for p in cfg.leak_phrases if p):
-            return "leak"
-    if cfg.inflation and length_ratio(rewrite, record.output) > cfg.max_length_ratio:
+    if leaks:
+        return "leak"
+    reference_words = max(cfg.inflation_floor, word_count(record.output))
+    if cfg.inflation and word_count(rewrite) > cfg.max_length_ratio * reference_words:
         return "inflation"
     if cfg.answer_consistency and record.verifiable:
         if consistent is None:
