@@ -113,8 +113,9 @@ class TrainConfig(_Section):
 class FederationConfig(_Section):
     algorithm: str = Field(
         "fedavg",
-        description="fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad or fedsdr (the registry in "
-        "`fedsdr.algorithms` checks the name before anything loads).",
+        description="fedavg, fedprox, scaffold, fedavgm, fedadam, fedyogi, fedadagrad, fedsdr, feddpa, or the "
+        "reference points local and centralized (the registry in `fedsdr.algorithms` checks the name before "
+        "anything loads).",
     )
     server_strategy: str = Field(
         "fedavg",
@@ -127,13 +128,36 @@ class FederationConfig(_Section):
     min_train_clients: int = Field(1, ge=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     proximal_mu: float = Field(0.01, ge=0, description="FedProx: weight of mu/2 * ||theta - theta_global||^2.")
-    server_lr: float = Field(1.0, gt=0, description="FedAvgM: server learning rate; FedOpt: eta.")
+    server_lr: float = Field(1.0, gt=0, description="FedAvgM: server learning rate; FedOpt: eta; SCAFFOLD: eta_g.")
+    scaffold_correction: Literal["step", "gradient"] = Field(
+        "step",
+        description="SCAFFOLD: where c - c_i enters a local step. step: y <- y - lr * (optimizer direction + c - c_i), "
+        "the units option II's c_i estimates under any optimizer. gradient: added to the clipped gradient before "
+        "AdamW (the paper's SGD step read literally; with AdamW, c_i is in update units, not gradient units).",
+    )
     server_momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM momentum.")
     eta: float = Field(1e-2, gt=0, description="FedAdam/FedYogi/FedAdagrad server learning rate.")
     tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity.")
     beta_1: float = Field(0.9, ge=0, lt=1)
     beta_2: float = Field(0.99, ge=0, lt=1)
     ray_client_cpus: float = Field(1.0, gt=0, description="ray engine: CPUs per virtual client.")
+    round_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds a round waits for nodes to connect and for replies; then it goes on with the "
+        "replies it has (at least min_train_clients). The in-process engine, whose clients run one after "
+        "the other, gives each client this long. None: wait for every sampled client.",
+    )
+    max_update_norm: float = Field(
+        0.0,
+        ge=0,
+        description="Largest L2 norm of a client's update (its adapter minus the global one) that is "
+        "aggregated; 0: update_norm_factor x the round's median update norm.",
+    )
+    update_norm_factor: float = Field(10.0, gt=1, description="See max_update_norm.")
+    max_num_examples: int = Field(
+        1_000_000, ge=1, description="A reply claiming more training examples than this is rejected."
+    )
 
 
 class EvalConfig(_Section):

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 from fedsdr.algorithms.aggregators import SINGLE_ADAPTER, server_strategy
 from fedsdr.algorithms.base import Algorithm, ClientSession, LocalState, TrainResult, derive_seed
+from fedsdr.algorithms.centralized import Centralized
+from fedsdr.algorithms.feddpa import FedDPA
 from fedsdr.algorithms.fedsdr import FedSDR
+from fedsdr.algorithms.local import LocalOnly
+from fedsdr.algorithms.scaffold import Scaffold
 from fedsdr.config import ConfigError, RunConfig
 
-ALGORITHMS: dict[str, type[Algorithm]] = {**SINGLE_ADAPTER, FedSDR.name: FedSDR}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    **SINGLE_ADAPTER,
+    **{cls.name: cls for cls in (FedSDR, Scaffold, FedDPA, LocalOnly, Centralized)},
+}
 
 
 def get_algorithm(cfg: RunConfig) -> Algorithm:

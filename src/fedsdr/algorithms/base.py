@@ -107,6 +107,7 @@ class Algorithm:
 
     name: ClassVar[str]
     global_adapter: ClassVar[str] = "default"
+    uploads_global: ClassVar[bool] = True  # False: clients send no tensors (e.g. Local-only)
 
     # adapters -------------------------------------------------------------
     def adapters(self, cfg: RunConfig) -> list[AdapterSpec]:
@@ -175,5 +176,7 @@ def sampling_kwargs(cfg: RunConfig) -> dict[str, Any]:
         "fraction_evaluate": fed.fraction_evaluate,
         "min_train_nodes": min(n, fed.min_train_clients),
         "min_evaluate_nodes": n if fed.fraction_evaluate > 0 else 0,
-        "min_available_nodes": n,
+        # Rounds start once min_train_clients nodes are connected; the server waits up to
+        # federation.round_timeout for all of them first.
+        "min_available_nodes": min(n, fed.min_train_clients),
     }

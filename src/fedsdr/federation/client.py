@@ -7,13 +7,17 @@ algorithm-specific decision comes from the run's `Algorithm`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedsdr.algorithms import Algorithm, ClientSession, LocalState, get_algorithm
 from fedsdr.config import RunConfig, config_from_json
@@ -33,6 +37,7 @@ from fedsdr.models.loading import shared_model
 from fedsdr.runs import ClientDir, append_jsonl, client_name
 
 client_app = ClientApp()
+logger = logging.getLogger(__name__)
 
 # (run config + client disk, client id) -> session: virtual clients keep their model and data
 # across rounds within a process.
@@ -80,7 +85,25 @@ def _held_state(context: Context) -> LocalState:
     return {k: from_arrayrecord(v) for k, v in context.state.array_records.items()}
 
 
+def private_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """A client's failure reaches the server as its exception type only: the message of an
+    exception can quote the client's data (a bad record, a rewrite). The traceback stays in the
+    client's own log."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as e:  # noqa: BLE001 - any failure becomes an error reply, never a crash
+            logger.error("ClientApp %s failed", handler.__name__, exc_info=e)
+            reason = f"{type(e).__name__} in the ClientApp's {handler.__name__} (details in the client's log)"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+    return wrapped
+
+
 @client_app.train()
+@private_errors
 def train(msg: Message, context: Context) -> Message:
     session, algorithm = client_session(msg, context)
     config = dict(msg.content["config"])
@@ -100,6 +123,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @client_app.evaluate()
+@private_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Each model the algorithm names (the global one; personalized ones with the client's
     local adapters as they are now) on this client's test split; the personalized ones also on

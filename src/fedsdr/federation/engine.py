@@ -8,13 +8,15 @@ clients. No Ray, no SuperLink, ~1 s to start.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
 from uuid import uuid4
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -74,22 +76,42 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        message_ids = list(message_ids)
-        replies = []
-        with task("clients", len(message_ids)) as advance:
-            for mid in message_ids:
-                msg = self._inbox.pop(mid)
-                self.sent.append(msg)
-                reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
-                reply.metadata.__dict__["_message_id"] = str(uuid4())
-                self.received.append(reply)
-                replies.append(reply)
-                advance(1)
-        return replies
+        return self._deliver([self._inbox.pop(mid) for mid in message_ids], timeout=None)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         # Clients run one after the other in this process, in the order they were sampled.
-        return self.pull_messages(self.push_messages(messages))
+        ids = list(self.push_messages(messages))
+        return self._deliver([self._inbox.pop(mid) for mid in ids], timeout=timeout)
+
+    def _deliver(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Each message to its virtual client, one after the other; a client that raises answers
+        with an error reply, one still busy after `timeout` seconds (each client gets the whole
+        timeout: they do not run side by side here) gives no reply. Its thread cannot be
+        stopped: it is left behind, as an offline node would be, and must not touch the shared
+        model afterwards (a hang in the middle of training would)."""
+        replies = []
+        with task("clients", len(messages)) as advance:
+            for msg in messages:
+                self.sent.append(msg)
+                box: list[Message] = []
+                worker = threading.Thread(target=lambda m=msg, b=box: b.append(self._call(m)), daemon=True)
+                worker.start()
+                worker.join(timeout)
+                advance(1)
+                if not box:
+                    continue  # no reply in time
+                reply = box[0]
+                reply.metadata.__dict__["_message_id"] = str(uuid4())
+                reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+                self.received.append(reply)
+                replies.append(reply)
+        return replies
+
+    def _call(self, msg: Message) -> Message:
+        try:
+            return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+        except Exception as e:  # noqa: BLE001 - the ClientApp failing outside its handlers
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=type(e).__name__), reply_to=msg)
 
 
 def run_inprocess(cfg: RunConfig, run: RunDir, resume: bool = False, grid: InProcessGrid | None = None) -> dict:

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -19,6 +19,7 @@ from fedsdr.console import console, task
 from fedsdr.data.federated import build_federated_data
 from fedsdr.evaluate import Evaluator, check_references, suite_sets
 from fedsdr.federation.messages import unpack_evaluation
+from fedsdr.federation.validation import Rejection, validate_replies
 from fedsdr.io import atomic_dir
 from fedsdr.models.adapters import (
     activate,
@@ -89,7 +90,12 @@ class Server:
         messages = self.strategy.configure_evaluate(server_round, arrays, self.base_config(server_round), grid)
         generate = self.cfg.eval.generates_at(server_round, self.cfg.federation.rounds)
         keyed = []
-        for reply in _ok(grid.send_and_receive(messages)):
+        replies = list(grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout))
+        for reply in replies:
+            if reply.has_error():
+                console.print(f"[yellow]round {server_round}: evaluation failed[/] on node "
+                              f"{reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
             evaluation, ident = unpack_evaluation(reply.content)
             cid = int(ident["partition-id"])
             for (label, split), result in evaluation.items():
@@ -101,36 +107,62 @@ class Server:
 
     # rounds ----------------------------------------------------------------
     def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, list[dict]]:
-        random.seed(derive_seed(self.cfg.seed, "sample-train", server_round))  # Flower samples with `random`
+        """Sample, train, validate every reply, aggregate the valid ones. With fewer than
+        `min_train_clients` valid replies the global adapter stays as it was."""
+        cfg = self.cfg
+        wait_for_nodes(grid, cfg.partition.num_clients, cfg.federation.round_timeout)
+        random.seed(derive_seed(cfg.seed, "sample-train", server_round))  # Flower samples with `random`
         messages = list(self.strategy.configure_train(server_round, arrays, self.base_config(server_round), grid))
-        bytes_down = arrayrecord_nbytes(arrays)
-        replies = _ok(grid.send_and_receive(messages))
-        if not replies:
-            raise RuntimeError(f"round {server_round}: no client replied successfully")
+        # what a sampled client downloads: every ArrayRecord its message carries (none, or more
+        # than the global adapter, for some strategies)
+        bytes_down = max((sum(arrayrecord_nbytes(r) for r in m.content.array_records.values()) for m in messages),
+                         default=0)
+        replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout))
+        answered = {m.metadata.src_node_id for m in replies}
+        accepted, rejections = validate_replies(replies, arrays, cfg.partition.num_clients, cfg.federation,
+                                                uploads_global=self.algorithm.uploads_global)
+        rows = [self.rejected_row(server_round, r) for r in rejections]
+        rows += [self.rejected_row(server_round, Rejection(
+                     m.metadata.dst_node_id, None, f"no reply within federation.round_timeout={cfg.federation.round_timeout} s"))
+                 for m in messages if m.metadata.dst_node_id not in answered]
         # Aggregate in a fixed order so the result does not depend on reply arrival order.
-        replies.sort(key=lambda m: int(m.content["metrics"]["partition-id"]))
-        rows = []
-        for reply in replies:
+        accepted.sort(key=lambda m: int(m.content["metrics"]["partition-id"]))
+        client_rows = []
+        for reply in accepted:
             figures = dict(reply.content["metrics"])
             cid = int(figures.pop("partition-id"))
-            rows.append({
+            client_rows.append({
                 "round": server_round, "scope": client_name(cid), "kind": "train",
                 "num_examples": figures.pop("num-examples"),
                 "bytes_up": sum(arrayrecord_nbytes(r) for r in reply.content.array_records.values()),
                 "bytes_down": bytes_down, **figures,
             })
-        new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
+        if len(accepted) < max(1, min(cfg.federation.min_train_clients, cfg.partition.num_clients)):
+            console.print(f"[red]round {server_round}[/]: {len(accepted)} valid replies, fewer than "
+                          f"federation.min_train_clients; the global adapter stays as it was")
+            rows.append({"round": server_round, "scope": "global", "kind": "rejected",
+                         "reason": f"{len(accepted)} valid replies < min_train_clients; round not aggregated"})
+            return arrays, client_rows + rows
+        new_arrays, _ = self.strategy.aggregate_train(server_round, accepted)
         if new_arrays is None:
             raise RuntimeError(f"round {server_round}: aggregation produced no adapter")
-        weights = np.array([r["num_examples"] for r in rows], dtype=float)
-        rows.append({
+        weights = np.array([r["num_examples"] for r in client_rows], dtype=float)
+        client_rows.append({
             "round": server_round, "scope": "global", "kind": "train",
-            "train_loss": float(np.average([r["train_loss"] for r in rows], weights=weights)),
-            "clients": len(rows), "num_examples": int(weights.sum()),
-            "bytes_up": sum(r["bytes_up"] for r in rows), "bytes_down": bytes_down * len(rows),
-            "seconds": max(r["seconds"] for r in rows),
+            "train_loss": float(np.average([r["train_loss"] for r in client_rows], weights=weights)),
+            "clients": len(client_rows), "num_examples": int(weights.sum()),
+            "bytes_up": sum(r["bytes_up"] for r in client_rows), "bytes_down": bytes_down * len(messages),
+            "seconds": max(r["seconds"] for r in client_rows),
         })
-        return new_arrays, rows
+        return new_arrays, client_rows + rows
+
+    @staticmethod
+    def rejected_row(server_round: int, rejection: Rejection) -> dict[str, Any]:
+        # A reply without a readable partition id is known by the node it came from.
+        scope = client_name(rejection.partition_id) if rejection.partition_id is not None else f"node-{rejection.node_id}"
+        console.print(f"[yellow]round {server_round}: rejected[/] {scope} (node {rejection.node_id}): {rejection.reason}")
+        return {"round": server_round, "scope": scope, "kind": "rejected", "node": rejection.node_id,
+                "reason": rejection.reason}
 
     def checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
         """The global adapter and the strategy's state, in one folder that appears atomically."""
@@ -178,11 +210,9 @@ class Server:
         return summary
 
 
-def _ok(replies: Any) -> list[Message]:
-    out = []
-    for msg in replies:
-        if msg.has_error():
-            console.print(f"[red]client error[/] node {msg.metadata.src_node_id}: {msg.error.reason}")
-        else:
-            out.append(msg)
-    return out
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float | None) -> None:
+    """Wait until `wanted` nodes are connected, at most `timeout` seconds (None: do not wait;
+    the strategy then waits for its min_available_nodes)."""
+    deadline = time.monotonic() + (timeout or 0)
+    while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+        time.sleep(1)
