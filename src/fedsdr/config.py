@@ -140,6 +140,9 @@ class FederationConfig(_Section):
     tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity.")
     beta_1: float = Field(0.9, ge=0, lt=1)
     beta_2: float = Field(0.99, ge=0, lt=1)
+    trimmed_beta: float = Field(0.2, ge=0, lt=0.5, description="FedTrimmedAvg: fraction trimmed at each end.")
+    num_malicious_clients: int = Field(0, ge=0, description="Krum, MultiKrum, Bulyan: clients assumed hostile.")
+    multikrum_select: int = Field(1, ge=1, description="MultiKrum: client adapters averaged.")
     ray_client_cpus: float = Field(1.0, gt=0, description="ray engine: CPUs per virtual client.")
     round_timeout: float | None = Field(
         None,

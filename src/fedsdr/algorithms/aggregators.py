@@ -10,10 +10,12 @@ from fedsdr.algorithms.base import Algorithm
 from fedsdr.algorithms.fedavg import FedAvg
 from fedsdr.algorithms.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fedsdr.algorithms.fedprox import FedProx
+from fedsdr.algorithms.robust import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 from fedsdr.config import ConfigError, RunConfig
 
 SINGLE_ADAPTER: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad)
+    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad,
+                              FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan)
 }
 
 
