@@ -26,11 +26,13 @@ the clients train on their distilled sets.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import WARNING
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Strategy
@@ -78,14 +80,20 @@ class ScaffoldStrategy(FlowerFedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        contents = [m.content for m in replies if not m.has_error()]
-        if not contents or self.round_start is None or self.control is None:
+        if self.round_start is None or self.control is None:
             return None, None
         x, c = self.round_start, self.control
-        for content in contents:
-            for name in ("arrays", CONTROL):
-                if name not in content.array_records or set(content[name]) != set(x):
-                    raise ValueError(f"SCAFFOLD: a reply's ArrayRecord {name!r} lacks the global adapter's keys")
+        contents = []
+        for message in replies:  # a reply without y_i and delta c_i over x's keys is left out of S
+            content = None if message.has_error() else message.content
+            if content is not None and all(name in content.array_records and set(content[name]) == set(x)
+                                           for name in ("arrays", CONTROL)):
+                contents.append(content)
+            else:
+                log(WARNING, "SCAFFOLD: reply from node %s lacks 'arrays' or 'control'; not aggregated",
+                    message.metadata.src_node_id)
+        if not contents:
+            return None, None
         ys = [from_arrayrecord(content["arrays"]) for content in contents]
         deltas = [from_arrayrecord(content[CONTROL]) for content in contents]
         share = len(contents) / self.num_clients  # |S| / N

@@ -137,7 +137,8 @@ class Server:
                 "bytes_up": sum(arrayrecord_nbytes(r) for r in reply.content.array_records.values()),
                 "bytes_down": bytes_down, **figures,
             })
-        if len(accepted) < max(1, min(cfg.federation.min_train_clients, cfg.partition.num_clients)):
+        # (never more replies than the strategy asked for: one trainer per round needs one)
+        if len(accepted) < max(1, min(cfg.federation.min_train_clients, cfg.partition.num_clients, len(messages))):
             console.print(f"[red]round {server_round}[/]: {len(accepted)} valid replies, fewer than "
                           f"federation.min_train_clients; the global adapter stays as it was")
             rows.append({"round": server_round, "scope": "global", "kind": "rejected",

@@ -1,0 +1,97 @@
+"""Evaluation throughput on the quickstart's evaluation sets, the base model, one process.
+
+What it measures, each on the same loaded model and in this order:
+
+- loss: reference loss of every global held-out record (forward only, response positions);
+- multiple choice: the general suite (BIG-bench CRASS + BBH sources) ranked by log-likelihood,
+  `--items` per task (prepared once from the bigbench sdist on PyPI; skipped with --no-general);
+- generation: greedy answers of the records `eval.generate_per_domain` selects, within each
+  domain's token budget, scored (accuracy, hallucination, ROUGE-L...).
+
+It prints records/s for each, the share of generated answers that hit their budget
+(`truncated`, per domain), and generated tokens/s. No cache is used: every figure is computed.
+
+Usage:
+    .venv/bin/python benchmarks/bench_eval.py [--config configs/quickstart.toml] [--items 5]
+        [--set eval.generate_per_domain=10] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import console, load, machine, parser, stopwatch, write_json  # noqa: E402
+
+
+def main() -> None:
+    p = parser(__doc__ or "")
+    p.add_argument("--items", type=int, default=5, help="general suite: items per task (default 5)")
+    p.add_argument("--no-general", action="store_true", help="skip the multiple-choice suite")
+    args = p.parse_args()
+    cfg = load(args)
+
+    from fedsdr.algorithms import get_algorithm
+    from fedsdr.data.federated import build_federated_data
+    from fedsdr.evaluate import evaluate_with_predictions, generated_subset
+    from fedsdr.models.adapters import activate
+    from fedsdr.models.loading import shared_model
+
+    algorithm = get_algorithm(cfg)
+    model, tok, runtime, _ = shared_model(cfg.model, cfg.lora, algorithm.adapters(cfg), cfg.seed)
+    activate(model, [algorithm.global_adapter], trainable=[])
+    records = build_federated_data(cfg.data, cfg.partition, cfg.seed).global_test
+    figures: dict[str, Any] = {"machine": machine(), "compute_dtype": str(runtime.compute_dtype)}
+
+    def run(recs: list[Any], generate: bool) -> tuple[dict, list[dict], float]:
+        with model.disable_adapter(), stopwatch() as elapsed:
+            result, preds = evaluate_with_predictions(
+                model, tok, recs, cfg.eval, autocast=runtime.autocast, system_prompt=cfg.data.system_prompt,
+                seed=cfg.seed, generate=generate,
+            )
+        return result, preds, elapsed()
+
+    _, _, seconds = run(records, generate=False)
+    figures["loss"] = {"records": len(records), "seconds": seconds, "records_per_s": len(records) / seconds}
+
+    if not args.no_general:
+        from fedsdr.data.bigbench import load_general_suite
+
+        suite = load_general_suite(args.items, cfg.eval.general_few_shot, cfg.seed)
+        _, _, seconds = run(suite, generate=False)
+        choices = sum(len(r.choices or ()) for r in suite)
+        figures["multiple_choice"] = {"records": len(suite), "choices": choices, "seconds": seconds,
+                                      "records_per_s": len(suite) / seconds}
+
+    chosen = [records[i] for i in generated_subset(cfg.eval, records)]
+    result, preds, seconds = run(chosen, generate=True)
+    new_tokens = sum(p.get("new_tokens", 0) for p in preds)
+    figures["generation"] = {
+        "records": len(chosen), "seconds": seconds, "records_per_s": len(chosen) / seconds,
+        "new_tokens": new_tokens, "new_tokens_per_s": new_tokens / seconds,
+        "truncated": {d: r.get("truncated") for d, r in result.items()},
+        "budget": {d: max(p["budget"] for p in preds if p["domain"] == d) for d in result if d != "all"},
+    }
+
+    out = console()
+    from rich.table import Table
+
+    table = Table(title=f"evaluation throughput, base model ({cfg.model.name}, {runtime.compute_dtype})")
+    for col in ("what", "records", "seconds", "records/s"):
+        table.add_column(col, justify="left" if col == "what" else "right")
+    for name in ("loss", "multiple_choice", "generation"):
+        if name in figures:
+            f = figures[name]
+            table.add_row(name, str(f["records"]), f"{f['seconds']:.1f}", f"{f['records_per_s']:.2f}")
+    out.print(table)
+    gen = figures["generation"]
+    out.print(f"generation: {gen['new_tokens_per_s']:.1f} new tokens/s; truncated share per domain "
+              + ", ".join(f"{d} {v:.2f}" for d, v in gen["truncated"].items() if v is not None)
+              + "; budgets " + ", ".join(f"{d} {b}" for d, b in gen["budget"].items()))
+    write_json(args.json, figures)
+
+
+if __name__ == "__main__":
+    main()
