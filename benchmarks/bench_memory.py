@@ -7,7 +7,8 @@ training round, the round-1 evaluation, a checkpoint):
     quickstart  the config as given (default configs/quickstart.toml: 4 clients, SmolLM2)
     six         the same with all 6 bundled domains, one client each, model.max_seq_len=384
     clients-4   the config with partition.method=iid over 4 clients ...
-    clients-8   ... and over 8 clients: (peak 8 - peak 4) / 4 = memory per extra virtual client
+    clients-8   ... and over 8 clients: (8 - 4) / 4 = memory per extra virtual client (peak, RSS
+                and live heap at the end); both with a 4-per-domain global test set
 
 Each child reports its peak RSS (the kernel's high-water mark, VmHWM), the RSS it keeps at
 the end, the bytes of the base model's parameters (the floor: the model must be resident),
@@ -45,6 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import console, parser, write_json  # noqa: E402
 
 GIB = 1024**3
+# The per-client comparison does not need the quickstart's 100-per-domain global test set:
+# 4 per domain, with the clients' 64 training records per domain unchanged.
+_SMALL_GLOBAL_TEST = ["data.records_per_domain=68", "data.global_test_per_domain=4"]
 SCENARIOS = {
     "quickstart": ["federation.rounds=1"],
     "six": [
@@ -54,8 +58,8 @@ SCENARIOS = {
         "partition.method=domain",
         "model.max_seq_len=384",
     ],
-    "clients-4": ["federation.rounds=1", "partition.method=iid", "partition.num_clients=4"],
-    "clients-8": ["federation.rounds=1", "partition.method=iid", "partition.num_clients=8"],
+    "clients-4": ["federation.rounds=1", "partition.method=iid", "partition.num_clients=4", *_SMALL_GLOBAL_TEST],
+    "clients-8": ["federation.rounds=1", "partition.method=iid", "partition.num_clients=8", *_SMALL_GLOBAL_TEST],
 }
 TARGETS_GB = {"quickstart": 2.0, "six": 2.5}
 
@@ -85,11 +89,19 @@ def _heap() -> dict[str, int]:
     return {"heap_used": m.uordblks, "heap_free": m.fordblks, "mmapped": m.hblkhd}
 
 
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Phases:
     """Exact peak RSS per phase: at each boundary read VmHWM, credit it to the phase that
     ends, reset the high-water mark to the current RSS."""
 
-    def __init__(self) -> None:
+    def __init__(self, trim: bool = False) -> None:
+        self.trim = _malloc_trim if trim else None
         self.current = "setup"
         self.peaks: dict[str, int] = {}
         self.counts: dict[str, int] = {}
@@ -103,6 +115,8 @@ class Phases:
         hwm = _status_kb("VmHWM") * 1024
         rss = _status_kb("VmRSS") * 1024
         ended = self.current
+        if self.trim is not None:
+            self.trim()
         self.peaks[ended] = max(self.peaks.get(ended, 0), hwm)
         self.counts[ended] = self.counts.get(ended, 0) + 1
         self.end_of[ended] = {"rss": rss, **_heap()}
@@ -148,8 +162,9 @@ def _full_logits_token_nll() -> Callable:
     return token_nll
 
 
-def child(config: str, overrides: list[str], loss: str, out_path: Path) -> None:
-    phases = Phases()
+def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim: bool = False,
+          checkpointing: bool = False) -> None:
+    phases = Phases(trim)
     os.environ.setdefault("FEDSDR_PROGRESS", "0")
     import fedsdr.algorithms.fedavg as fedavg
     import fedsdr.algorithms.fedsdr as fedsdr_alg
@@ -169,7 +184,10 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path) -> None:
         if hasattr(evaluate, "token_nll"):
             evaluate.token_nll = train.token_nll
     phases.wrap(evaluate, "reference_losses", "eval:loss")
-    phases.wrap(generation, "generate", "eval:generate")
+    for name in ("generate", "generate_detailed"):
+        phases.wrap(generation, name, "eval:generate")
+    if hasattr(evaluate, "choice_scores"):
+        phases.wrap(evaluate, "choice_scores", "eval:choice")
     for module in (fedavg, fedsdr_alg):
         for name in ("sft_steps", "dual_stream_steps"):
             if hasattr(module, name):
@@ -183,6 +201,16 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path) -> None:
         first_load.setdefault("rss_after_model_load", _status_kb("VmRSS") * 1024)
         return result
 
+    if checkpointing:
+        original_load = loading.load_base_model
+
+        def load_base_model(*args: Any, **kwargs: Any) -> Any:
+            model = original_load(*args, **kwargs)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = True  # generation keeps its KV cache
+            return model
+
+        loading.load_base_model = load_base_model
     for module_name in ("fedsdr.federation.server", "fedsdr.federation.client"):
         module = sys.modules.get(module_name) or __import__(module_name, fromlist=["x"])
         module.shared_model = shared_model
@@ -203,12 +231,15 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path) -> None:
         "phase_counts": phases.counts,
         "phase_end": phases.end_of,
         "rss_end": _status_kb("VmRSS") * 1024,
+        "live_end": sum(_heap().get(k, 0) for k in ("heap_used", "mmapped")),
         "hwm_resettable": phases.can_reset,
         "param_bytes": param_bytes,
         "adapter_bytes": adapter_bytes,
         "clients": cfg.partition.num_clients,
         "max_seq_len": cfg.model.max_seq_len,
         "threads": torch.get_num_threads(),
+        "trim": trim,
+        "checkpointing": checkpointing,
         "compute_dtype": str(loading.resolve_runtime(cfg.model).compute_dtype),
         "seconds": seconds,
         **first_load,
@@ -223,6 +254,8 @@ def run_child(scenario: str, args: Any, env: dict[str, str]) -> dict[str, Any]:
         out = Path(tmp) / "figures.json"
         cmd = [sys.executable, __file__, "--child", scenario, "--config", args.config,
                "--loss", args.loss, "--child-out", str(out)]
+        cmd += ["--trim"] if args.trim else []
+        cmd += ["--checkpointing"] if args.checkpointing else []
         for item in args.overrides:
             cmd += ["--set", item]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -244,11 +277,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="environment variable for the children (repeatable)")
     p.add_argument("--loss", choices=("default", "full"), default="default",
                    help="'full': the pre-issue-11 full-logits loss, for comparison")
+    p.add_argument("--trim", action="store_true",
+                   help="what-if: malloc_trim(0) at every phase boundary (freed heap back to the OS)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="what-if: gradient checkpointing of the decoder layers during training")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(args.config, [*args.overrides, *SCENARIOS[args.child]], args.loss, args.child_out)
+        child(args.config, [*args.overrides, *SCENARIOS[args.child]], args.loss, args.child_out,
+              trim=args.trim, checkpointing=args.checkpointing)
         return 0
 
     from rich.table import Table
@@ -272,10 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         out.print(f"running {scenario} ...")
         results[scenario] = run_child(scenario, args, env)
         r = results[scenario]
-        out.print(f"  {scenario}: peak {_gb(r['peak_rss'])} GiB, {r['seconds']:.0f} s")
+        phases = ", ".join(f"{k} {_gb(v)}" for k, v in r["phase_peaks"].items())
+        out.print(f"  {scenario}: peak {_gb(r['peak_rss'])} GiB ({phases}), {r['seconds']:.0f} s")
 
+    what_if = [*args.env, *(["trim"] if args.trim else []), *(["checkpointing"] if args.checkpointing else [])]
     table = Table(title=f"peak RSS per run ({args.config}, loss={args.loss}"
-                        + (f", {' '.join(args.env)}" if args.env else "") + ")")
+                        + (f", {' '.join(what_if)}" if what_if else "") + ")")
     for col in ("scenario", "clients", "seq len", "peak RSS (GiB)", "target", "end RSS", "after load",
                 "base params (GiB)", "peak / params"):
         table.add_column(col, justify="right")
@@ -300,14 +340,17 @@ def main(argv: list[str] | None = None) -> int:
     out.print(phases)
 
     figures: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "env": args.env,
-                               "loss": args.loss, "scenarios": results}
+                               "loss": args.loss, "trim": args.trim, "checkpointing": args.checkpointing,
+                               "scenarios": results}
     if "clients-4" in results and "clients-8" in results:
         a, b = results["clients-4"], results["clients-8"]
         figures["per_extra_client_peak"] = (b["peak_rss"] - a["peak_rss"]) / 4
         figures["per_extra_client_end"] = (b["rss_end"] - a["rss_end"]) / 4
+        figures["per_extra_client_live"] = (b["live_end"] - a["live_end"]) / 4
         out.print(f"memory per extra virtual client (4 -> 8 clients): peak "
-                  f"{figures['per_extra_client_peak'] / 2**20:+.0f} MiB, retained at the end "
-                  f"{figures['per_extra_client_end'] / 2**20:+.0f} MiB")
+                  f"{figures['per_extra_client_peak'] / 2**20:+.0f} MiB, RSS at the end "
+                  f"{figures['per_extra_client_end'] / 2**20:+.0f} MiB, live heap at the end "
+                  f"{figures['per_extra_client_live'] / 2**20:+.0f} MiB")
     write_json(args.json, figures)
     return 0
 

@@ -2,6 +2,8 @@
 
     fedsdr run --config FILE [--set key=value ...] [--out DIR] [--resume]
     fedsdr compare --config A --config B ... [--out DIR]     one table over several runs
+    fedsdr grid --config GRID.toml --out DIR                methods x {raw, +FedSD} x seeds, then a report
+    fedsdr report RUN_OR_GRID                               results, claims, plots, report.html from finished folders
     fedsdr distill --config FILE [--out DIR]                FedSD's rewriting step alone
     fedsdr export RUN_DIR [--round N] [--client K] --out DIR [--merge]
     fedsdr eval RUN_DIR --tasks T1,T2 [--round N] [--client K] [--limit L]   lm-eval (extra)
@@ -71,13 +73,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedsdr.console import console, live
     from fedsdr.federation.engine import run_federation
     from fedsdr.report import comparison_table, write_comparison
+    from fedsdr.report.tables import paired_rows, to_rich
     from fedsdr.runs import RunDir
 
     root = Path(args.out or "runs/compare")
     configs = [load_config(path, args.set) for path in args.config]
     for cfg in configs:  # every config checked before the first run starts
         get_algorithm(cfg)
-    summaries = []
+    summaries, folders = [], []
     with live():
         for path, cfg in zip(args.config, configs, strict=True):
             run = RunDir(root / Path(path).stem)
@@ -86,9 +89,45 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 run.write_config(cfg)
             started = time.perf_counter()
             summaries.append(run_federation(cfg, run, resume=resume))
+            folders.append(run.root)
             print_outcome(cfg, summaries[-1], run.root, time.perf_counter() - started)
     console.print(comparison_table(summaries))
-    write_comparison(root, summaries)
+    paired = write_comparison(root, summaries, run_dirs=folders)
+    if paired:
+        console.print(to_rich(paired_rows(paired)))
+    console.print(f"tables in {root / 'comparison.md'}; `fedsdr report {root}` draws plots, claims and report.html")
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    """Methods x {raw, +FedSD} x seeds from one grid file, each cell a run in OUT/cells/, then
+    the report (results.json/.md, claims.md, plots/, report.html)."""
+    from fedsdr.console import live
+    from fedsdr.grid import grid_command, load_grid, run_grid
+
+    grid = load_grid(args.config, args.set)  # every cell built and its algorithm checked first
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    try:
+        with live():
+            run_grid(grid, out, command=grid_command(), report=not args.no_report)
+    except KeyboardInterrupt:
+        print(f"interrupted; finished cells and completed rounds are kept: rerun the same command to resume, "
+              f"or `fedsdr report {out}` for what is finished", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Redraw results, claims, plots and report.html from finished folders alone."""
+    from fedsdr.console import console
+    from fedsdr.report import build_report
+
+    files = build_report(Path(args.folder))
+    for path in (files.results_md, files.claims_md, files.results_json, *files.plots, files.html):
+        if path is not None:
+            console.print(f"wrote {path}")
+    if files.verdicts:
+        console.print(", ".join(f"claim {k}: {v}" for k, v in files.verdicts.items()))
     return 0
 
 
@@ -176,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="run several configs on the same clients and print one table")
     config_args(p, multiple=True)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("grid", help="run methods x {raw, +FedSD} x seeds from a grid file, then write the report")
+    p.add_argument("--config", required=True, help="grid TOML file (see fedsdr.grid)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value in every cell, e.g. --set federation.rounds=2 (repeatable)")
+    p.add_argument("--out", help="output folder (default: runs/<grid file name>); rerun to resume")
+    p.add_argument("--no-report", action="store_true", help="run the cells only (fedsdr report draws it later)")
+    p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("report", help="redraw results, claims, plots and report.html from finished folders")
+    p.add_argument("folder", help="a grid folder, a folder of runs (fedsdr compare --out) or one run folder")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("distill", help="run FedSD's rewriting step alone and print its diagnostics")
     config_args(p)

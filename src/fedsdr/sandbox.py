@@ -15,7 +15,11 @@ is imported) contains the process with what the OS allows, then runs the program
   process group. Before the program starts it drops every capability and sets no_new_privs.
 - rlimits: CPU seconds, address space, processes (inside a fresh user namespace the count is
   the sandbox's own; otherwise the uid's tasks so far plus the allowance), file size, no core
-  files, open files.
+  files, open files. The kernel exempts root from the process limit (inside a user namespace
+  too): as root the sandbox runs in a cgroup (v2, or v1 "pids") of its own with `pids.max`
+  where the cgroup file system is writable; the parent also kills whatever is left in it.
+- Reads are not confined: the program may read what the scorer's user may read (with no
+  network and only a pass/fail verdict leaving the sandbox when scoring).
 - A Python audit hook (`sys.addaudithook`, cannot be removed) that refuses sockets, process
   creation (fork, exec, spawn, subprocess, os.system), signals to other processes, ctypes, and
   writes/renames/removals outside the temp folder. It blocks ordinary code on every OS; code
@@ -23,7 +27,8 @@ is imported) contains the process with what the OS allows, then runs the program
 
 Each layer degrades on its own where the OS refuses it; `SandboxResult.enforced` records which
 ones held for the run. At the timeout (and after every run) the parent kills the whole process
-group with SIGKILL.
+group with SIGKILL. The program runs in-process after the bootstrap (no second interpreter) and
+ends with `os._exit` after the usual exit steps (threads joined, atexit, streams flushed).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # Mount options a user namespace may not clear (the kernel locks them): kept on remounts.
 _LOCKED_MOUNT_OPTIONS = {
     "nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048,
-    "relatime": 1 << 21,
+    "relatime": 1 << 21, "strictatime": 1 << 24,
 }
 
 
@@ -99,7 +104,8 @@ def _boot_namespaces(ctypes, libc, cfg: dict, flags: dict) -> str | None:  # noq
 
 
 def _remount_read_only(ctypes, libc) -> None:  # noqa: ANN001
-    """Every mount of this (private) mount namespace read-only."""
+    """Every mount of this (private) mount namespace read-only (OSError where one stays
+    writable)."""
 
     class MountAttr(ctypes.Structure):
         _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
@@ -117,8 +123,7 @@ def _remount_read_only(ctypes, libc) -> None:  # noqa: ANN001
         point = fields[4].encode().decode("unicode_escape").encode()
         extra = sum(_LOCKED_MOUNT_OPTIONS.get(o, 0) for o in fields[5].split(","))
         flags = _MS_BIND | _MS_REMOUNT | _MS_RDONLY | extra
-        if libc.mount(None, point, None, flags, None) != 0 and point == b"/":
-            _check(ctypes, -1, "remount / read-only")
+        _check(ctypes, libc.mount(None, point, None, flags, None), f"remount {point!r}")
 
 
 def _boot_filesystem(ctypes, libc, cfg: dict, source: bytes, flags: dict) -> None:  # noqa: ANN001
@@ -126,13 +131,29 @@ def _boot_filesystem(ctypes, libc, cfg: dict, source: bytes, flags: dict) -> Non
     tmp = cfg["tmp"].encode()
     _check(ctypes, libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
     _remount_read_only(ctypes, libc)
+    flags["filesystem_read_only"] = True
     opts = f"size={cfg['max_temp_mb']}m,mode=0700".encode()
     _check(ctypes, libc.mount(b"tmpfs", tmp, b"tmpfs", _MS_NOSUID | _MS_NODEV, opts), "tmpfs")
     os.chdir(cfg["tmp"])  # the cwd still pointed at the folder under the mount
     with open(os.path.join(cfg["tmp"], "program.py"), "wb") as f:
         f.write(source)
-    flags["filesystem_read_only"] = True
     flags["temp_tmpfs"] = True
+
+
+def _in_cgroup(path: str) -> bool:
+    """Whether this process is in the pids cgroup at `path` (the parent moves it there while
+    the interpreter starts; a slow write on cgroup v1), joining it if not: before any fork.
+    Root is exempt from RLIMIT_NPROC, even inside a user namespace: the cgroup caps it."""
+    marker = "/" + "/".join(path.rstrip("/").split("/")[-2:]) + "\n"
+    try:
+        with open("/proc/self/cgroup") as f:
+            if marker in f.read():
+                return True
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    except OSError:
+        return False
 
 
 def _count_tasks(uid: int) -> int:
@@ -164,20 +185,25 @@ def _boot_limits(cfg: dict, flags: dict, namespaced: str | None) -> None:
     cpu = int(cfg["timeout"]) + 2
     limits = {
         "cpu": (resource.RLIMIT_CPU, cpu, cpu + 1),
-        "memory": (resource.RLIMIT_AS, cfg["memory_mb"] * mb, cfg["memory_mb"] * mb),
         "file_size": (resource.RLIMIT_FSIZE, cfg["max_file_mb"] * mb, cfg["max_file_mb"] * mb),
         "core": (resource.RLIMIT_CORE, 0, 0),
         "open_files": (resource.RLIMIT_NOFILE, cfg["max_open_files"], cfg["max_open_files"]),
     }
+    if sys.platform != "darwin":  # macOS accepts RLIMIT_AS and does not enforce it
+        limits["memory"] = (resource.RLIMIT_AS, cfg["memory_mb"] * mb, cfg["memory_mb"] * mb)
     nproc = getattr(resource, "RLIMIT_NPROC", None)
-    if nproc is not None and sys.platform.startswith("linux"):
+    # The kernel exempts uid 0 from RLIMIT_NPROC, inside a user namespace too (the pids cgroup
+    # is root's cap). Inside a fresh user namespace the count is the sandbox's own (the
+    # bootstrap, the init, the program's); otherwise every task of the uid counts.
+    if nproc is not None and sys.platform.startswith("linux") and os.geteuid() != 0:
         if namespaced == "user":
-            # The count is per user namespace: the bootstrap, the init, and the allowance.
-            limits["processes"] = (nproc, cfg["max_processes"] + 2, cfg["max_processes"] + 2)
-        elif os.geteuid() != 0:  # root outside a user namespace is exempt from RLIMIT_NPROC
+            n = cfg["max_processes"] + 2
+        else:
             n = _count_tasks(os.getuid()) + cfg["max_processes"]
-            limits["processes"] = (nproc, n, n)
+        limits["processes"] = (nproc, n, n)
     for name, (which, soft, hard) in limits.items():
+        if name == "processes" and flags.get("processes"):
+            continue  # capped by the pids cgroup already
         try:
             old_soft, old_hard = resource.getrlimit(which)
             if old_hard != resource.RLIM_INFINITY:
@@ -209,7 +235,8 @@ def _install_audit_hook(root: str) -> None:
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
     denied = ("socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
               "os.forkpty", "os.system", "os.startfile", "os.kill", "os.killpg",
-              "signal.pthread_kill", "ctypes.", "pty.", "_posixsubprocess")
+              "signal.pthread_kill", "ctypes.", "pty.", "_posixsubprocess", "gc.get_",
+              "sys._current_frames")
     # event -> indexes of its path arguments (every one must be inside), index of dir_fd args
     path_events = {
         "os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)), "os.mkdir": ((0,), (2,)),
@@ -237,17 +264,31 @@ def _install_audit_hook(root: str) -> None:
     def deny(event: str) -> None:
         raise PermissionError(f"sandbox: {event} is not allowed")
 
+    def other_process(path: object) -> bool:
+        """A path into /proc/PID of another process (its environment, memory, fds)."""
+        try:
+            p = realpath(os.fsdecode(fspath(path)))
+        except TypeError:
+            return False
+        if not p.startswith("/proc/"):
+            return False
+        pid = p.split("/")[2]
+        return pid.isdigit() and int(pid) != os.getpid()
+
     def hook(event: str, args: tuple) -> None:
         if event == "open":
             path, mode, flags = args
+            if isinstance(path, int):
+                return  # an open descriptor: opening it was checked
             if mode is not None:
                 writing = any(c in mode for c in "wax+")
             else:
                 writing = bool(flags & write_flags) if isinstance(flags, int) else True
             if writing and not inside(path):
                 deny(f"writing {path!r}")
-            if (mode is None and not isinstance(path, int) and not inside(path)
-                    and isdir(path)):
+            if other_process(path):
+                deny(f"reading {path!r}")
+            if mode is None and not inside(path) and isdir(path):
                 deny(f"opening the directory {path!r}")  # a dir_fd would escape the path check
         elif event in path_events:
             paths, dir_fds = path_events[event]
@@ -256,19 +297,23 @@ def _install_audit_hook(root: str) -> None:
             for i in paths:
                 if i < len(args) and not inside(args[i]):
                     deny(f"{event} {args[i]!r}")
+        elif event == "import" and args[0] in ("ctypes", "_ctypes"):
+            deny(f"import {args[0]}")
         elif event.startswith(denied):
             deny(event)
 
     sys.addaudithook(hook)
 
 
-def _run_program(cfg: dict, source: bytes, report_fd: int, flags: dict) -> None:
+def _run_program(cfg: dict, source: bytes, flags: dict) -> None:
     """In the process that becomes the program: last steps, then the program itself."""
     import types
 
+    _forget_ctypes()
+    report_fd = cfg["report_fd"]
     tmp = cfg["tmp"]
     path = os.path.join(tmp, "program.py")
-    code = compile(source, path, "exec", dont_inherit=True)  # a syntax error: exit 1, as python
+    sys.dont_write_bytecode = True  # no .pyc caches: the places they go are not writable
     if cfg["audit_hook"]:
         _install_audit_hook(tmp)
         flags["audit_hook"] = True
@@ -281,7 +326,50 @@ def _run_program(cfg: dict, source: bytes, report_fd: int, flags: dict) -> None:
     main.__builtins__ = __builtins__
     sys.modules["__main__"] = main
     sys.argv = [path]
-    exec(code, main.__dict__)
+    status = 0
+    try:
+        exec(compile(source, path, "exec", dont_inherit=True), main.__dict__)
+    except SystemExit as e:
+        status = _exit_status(e.code)
+    except BaseException:
+        kind, error, tb = sys.exc_info()
+        tb = tb.tb_next if tb is not None else None  # the traceback from the program on
+        sys.excepthook(kind, error.with_traceback(tb), tb)
+        status = 1
+    _fast_exit(status)
+
+
+def _exit_status(code: object) -> int:
+    """The exit status Python gives `sys.exit(code)`."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    try:
+        print(code, file=sys.stderr)
+    except Exception:  # noqa: BLE001
+        pass
+    return 1
+
+
+def _fast_exit(status: int) -> None:
+    """Exit as the interpreter would (wait for threads, atexit, flush) without tearing the
+    interpreter down: that teardown costs several ms per program and nobody needs it here."""
+    try:
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            threading._shutdown()
+        import atexit
+
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001
+        status = status or 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001
+            status = status or 120  # what Python exits with when the final flush fails
+    os._exit(status)
 
 
 def _exit_like(status: int) -> None:
@@ -301,11 +389,13 @@ def _parse_config(args: list[str]) -> dict:
     cfg: dict = {}
     for arg in args:
         key, _, value = arg.partition("=")
-        cfg[key] = value if key == "tmp" else int(value)
+        cfg[key] = value if key in ("tmp", "cgroup") else int(value)
     return cfg
 
 
-def _boot(args: list[str]) -> None:
+def _boot(args: list[str]) -> tuple[dict, bytes, dict]:
+    """Contain this process; in the process that is to run the program, return what
+    `_run_program` needs (the others end here)."""
     cfg = _parse_config(args)
     report_fd = cfg["report_fd"]
     flags: dict[str, bool] = {}
@@ -322,6 +412,8 @@ def _boot(args: list[str]) -> None:
                 _boot_filesystem(ctypes, libc, cfg, source, flags)
         except OSError:
             pass
+    if cfg.get("cgroup"):
+        flags["processes"] = _in_cgroup(cfg["cgroup"])
     _boot_limits(cfg, flags, namespaced)
     if not namespaced:
         if libc is not None:
@@ -329,8 +421,7 @@ def _boot(args: list[str]) -> None:
                 _drop_capabilities(ctypes, libc, flags)
             except OSError:
                 pass
-        _run_program(cfg, source, report_fd, flags)
-        return
+        return cfg, source, flags
     # The next child is PID 1 of the new PID namespace: it mounts that namespace's /proc and
     # reaps; its child runs the program. When PID 1 ends the kernel kills the namespace.
     status_r, status_w = os.pipe()
@@ -350,8 +441,7 @@ def _boot(args: list[str]) -> None:
                 _drop_capabilities(ctypes, libc, flags)
             except OSError:
                 pass
-            _run_program(cfg, source, report_fd, flags)
-            return
+            return cfg, source, flags
         os.close(report_fd)
         while True:
             try:
@@ -368,21 +458,33 @@ def _boot(args: list[str]) -> None:
     if not status:
         _exit_like(init_status)
     _exit_like(int(status))
+    raise AssertionError("unreachable")
+
+
+def _forget_ctypes() -> None:
+    """The bootstrap's ctypes, out of the program's reach: `import ctypes` runs again (and the
+    audit hook refuses its dlopen)."""
+    if "ctypes" in sys.modules:
+        for name in [n for n in sys.modules if n == "_ctypes" or n.split(".")[0] == "ctypes"]:
+            del sys.modules[name]
 
 
 if __name__ == "__main__":
-    _boot(sys.argv[1:])
+    _run_program(*_boot(sys.argv[1:]))
     sys.exit(0)
 
 # ----------------------------------------------------------------------------------------------
 # Parent side.
 
+import functools  # noqa: E402
+import itertools  # noqa: E402
 import math  # noqa: E402
 import select  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -412,6 +514,93 @@ class SandboxResult:
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and not self.timed_out
+
+
+_run_counter = itertools.count()
+
+
+@functools.cache
+def _pids_cgroup_root() -> str | None:
+    """A folder for per-run pids cgroups (cgroup v2 or v1 "pids"), when we may make one: root
+    on Linux with a writable cgroup file system. None elsewhere."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return None
+    for fields in mounts:
+        sep = fields.index("-")
+        fstype, point, super_opts = fields[sep + 1], fields[4], fields[sep + 3]
+        try:
+            if fstype == "cgroup" and "pids" in super_opts.split(","):
+                parent = os.path.join(point, "fedsdr-sandbox")
+                os.makedirs(parent, exist_ok=True)
+                return parent
+            if fstype == "cgroup2":
+                with open(os.path.join(point, "cgroup.controllers")) as f:
+                    if "pids" not in f.read().split():
+                        continue
+                parent = os.path.join(point, "fedsdr-sandbox")
+                os.makedirs(parent, exist_ok=True)
+                for folder in (point, parent):
+                    with open(os.path.join(folder, "cgroup.subtree_control"), "w") as f:
+                        f.write("+pids")
+                return parent
+        except OSError:
+            continue
+    return None
+
+
+def _make_cgroup(max_tasks: int) -> str | None:
+    root = _pids_cgroup_root()
+    if root is None:
+        return None
+    path = os.path.join(root, f"run-{os.getpid()}-{next(_run_counter)}")
+    try:
+        os.mkdir(path)
+        with open(os.path.join(path, "pids.max"), "w") as f:
+            f.write(str(max_tasks))
+        return path
+    except OSError:
+        _remove_cgroup(path)
+        return None
+
+
+def _join_cgroup(path: str, pid: int) -> None:
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+    except OSError:
+        pass  # the bootstrap tries again itself, and reports
+
+
+def _remove_cgroup(path: str) -> None:
+    """Kill whatever is left in the cgroup (it holds processes that left the process group
+    too) and remove it."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            pass
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            pids = []
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            return  # left behind, empty or not: rmdir by hand (fedsdr-sandbox/run-*)
+        time.sleep(0.002)
 
 
 def _minimal_env(tmp: str) -> dict[str, str]:
@@ -451,6 +640,18 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _wait_group_gone(pgid: int, limit: float = 2.0) -> None:
+    """SIGKILL is asynchronous: give the killed group a moment to be gone (zombies whose
+    parent does not reap them can keep it, hence the limit)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.001)
 
 
 def _read_capped(f, limit: int) -> str:  # noqa: ANN001
@@ -506,12 +707,19 @@ def run_python(
     audit_hook: bool = True,
 ) -> SandboxResult:
     """Run `source` as a Python program, contained (see the module docstring), for at most
-    `timeout` wall-clock seconds. `namespaces` and `audit_hook` switch those layers off (tests
-    use it to show what the other layers hold alone). Thread-safe."""
+    `timeout` wall-clock seconds (CPU time: the timeout rounded up + 2 s).
+
+    `memory_mb` caps the address space of each process, `max_processes` the processes and
+    threads the program may run (itself included), `max_file_mb` any one file it writes (its
+    stdout and stderr too), `max_temp_mb` its temp folder (a tmpfs where mounts are possible),
+    `max_open_files` its descriptors; `max_output_bytes` of stdout and of stderr come back.
+    `namespaces` and `audit_hook` switch those layers off (tests use that to show what the
+    other layers hold alone). Thread-safe; the per-program overhead is a few tens of ms."""
     if os.name != "posix":
         return _run_unconfined(source, timeout, max_output_bytes)
     tmp = tempfile.mkdtemp(prefix="fedsdr-sbx-")
     report_r, report_w = os.pipe()
+    cgroup = _make_cgroup(int(max_processes) + 2)
     try:
         with open(os.path.join(tmp, "program.py"), "w", encoding="utf-8") as f:
             f.write(source)
@@ -521,6 +729,8 @@ def run_python(
             "max_temp_mb": int(max_temp_mb), "max_open_files": int(max_open_files),
             "report_fd": report_w, "namespaces": int(namespaces), "audit_hook": int(audit_hook),
         }
+        if cgroup:
+            cfg["cgroup"] = cgroup
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(
                 [sys.executable, "-I", _BOOTSTRAP, *(f"{k}={v}" for k, v in cfg.items())],
@@ -529,11 +739,14 @@ def run_python(
             )
             os.close(report_w)
             report_w = -1
+            if cgroup:
+                _join_cgroup(cgroup, proc.pid)
             try:
                 finished = _wait(proc, timeout)
             finally:
                 _kill_group(proc.pid)  # the program's leftovers too, also after a clean exit
                 proc.wait()
+                _wait_group_gone(proc.pid)
             returncode = None if not finished else proc.returncode
             enforced = dict.fromkeys(MECHANISMS, False)
             enforced.update(_parse_report(report_r))
@@ -551,6 +764,8 @@ def run_python(
         os.close(report_r)
         if report_w >= 0:
             os.close(report_w)
+        if cgroup:
+            _remove_cgroup(cgroup)
         _remove_tree(tmp)
 
 

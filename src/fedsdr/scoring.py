@@ -26,16 +26,13 @@ import functools
 import json
 import math
 import re
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Any, Literal
 
 from fedsdr.data.schema import CHOICE_SCORER, Record
+from fedsdr.sandbox import run_python
 
 Scorer = Callable[[Record, str, float], bool]
 Mode = Literal["strict", "flexible"]
@@ -333,26 +330,13 @@ def humaneval_program(record: Record, response: str) -> str:
 
 
 def score_humaneval(record: Record, response: str, timeout: float = 5.0) -> bool:
-    """Run the record's unit tests on the response's code in an isolated subprocess (a run past
-    `timeout` seconds fails). The stated "answer" of a code record is the response itself when it
+    """Run the record's unit tests on the response's code in a contained subprocess
+    (`fedsdr.sandbox.run_python`: rlimits, emptied environment, a private temp folder as the
+    only writable place, no network, its processes killed at the end; a run past `timeout`
+    seconds fails). The stated "answer" of a code record is the response itself when it
     contains code; both modes agree, so the tests run once per response."""
     program = humaneval_program(record, response)
-    with tempfile.TemporaryDirectory(prefix="fedsdr-he-") as tmp:
-        path = Path(tmp) / "program.py"
-        path.write_text(program, encoding="utf-8")
-        try:
-            done = subprocess.run(
-                [sys.executable, "-I", str(path)],
-                cwd=tmp,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            return False
-    return done.returncode == 0
+    return run_python(program, timeout=timeout).ok
 
 
 SCORERS: dict[str, Scorer] = {

@@ -1,5 +1,5 @@
 """FedDPA-style dual adapter (after Yang et al., 2024): FedSDR's machinery with both streams on
-the same data, the ablation that isolates what FedSDR's rewriting adds.
+the same data, the ablation that isolates what FedSDR's rewriting adds (`fedsdr.algorithms.dual`).
 
 Two LoRA adapters on the same target modules, summed in the forward pass:
     h = W0 x + B_L A_L x * s_L + B_G A_G x * s_G
@@ -19,76 +19,22 @@ Models: global W0 + G, client k's personalized W0 + L_k + G.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from flwr.serverapp.strategy import Strategy
-
-from fedsdr.algorithms.aggregators import server_strategy
-from fedsdr.algorithms.base import (
-    Algorithm,
-    ClientSession,
-    LocalState,
-    TrainResult,
-    derive_seed,
-    proximal_mu,
-)
+from fedsdr.algorithms.base import ClientSession
+from fedsdr.algorithms.dual import DualAdapter
 from fedsdr.algorithms.one_adapter import train_examples
-from fedsdr.config import RunConfig
-from fedsdr.console import task
-from fedsdr.models.adapters import (
-    AdapterSpec,
-    AdapterState,
-    activate,
-    adapter_parameters,
-    get_adapter_state,
-    set_adapter_state,
-)
-from fedsdr.train import dual_stream_steps, make_stream
+from fedsdr.models.adapters import AdapterState
+from fedsdr.train import Example
 
 GLOBAL, LOCAL = "dpa_global", "dpa_local"
 
 
-class FedDPA(Algorithm):
+class FedDPA(DualAdapter):
     name = "feddpa"
     global_adapter = GLOBAL
+    local_adapter = LOCAL
 
-    def adapters(self, cfg: RunConfig) -> list[AdapterSpec]:
-        s, lora = cfg.fedsdr, cfg.lora
-        return [
-            AdapterSpec(GLOBAL, s.rectify_r or lora.r, s.rectify_alpha or lora.alpha),
-            AdapterSpec(LOCAL, s.smooth_r or lora.r, s.smooth_alpha or lora.alpha),
-        ]
-
-    def strategy(self, cfg: RunConfig) -> Strategy:
-        return server_strategy(cfg)
-
-    def train(self, session: ClientSession, global_state: AdapterState, server_round: int,
-              config: dict[str, Any], local_state: LocalState, received: dict[str, AdapterState]) -> TrainResult:
-        cfg, model = session.cfg, session.model
+    def stream_examples(self, session: ClientSession, server_round: int, global_state: AdapterState
+                        ) -> tuple[list[Example], list[Example], int, dict[str, float]]:
+        """Both adapters learn from the same data: raw, or with FedSD the distilled set."""
         examples, dropped, metrics = train_examples(session, server_round, GLOBAL, global_state)
-        set_adapter_state(model, GLOBAL, global_state)
-        set_adapter_state(model, LOCAL, local_state[LOCAL])
-        activate(model, [GLOBAL, LOCAL], trainable=[GLOBAL, LOCAL])
-        seed = lambda purpose: derive_seed(cfg.seed, purpose, server_round, session.client_id)  # noqa: E731
-        local = make_stream(examples, adapter_parameters(model, LOCAL), cfg.train, seed("local"),
-                            lr_scale=(cfg.fedsdr.smooth_lr or cfg.train.lr) / cfg.train.lr)
-        shared = make_stream(examples, adapter_parameters(model, GLOBAL), cfg.train, seed("global"),
-                             proximal_mu=proximal_mu(config))
-        torch.manual_seed(seed("dropout"))
-        steps = cfg.train.local_steps
-        with task(f"client {session.client_id}: local steps (L+G)", steps) as advance:
-            local_stats, global_stats = dual_stream_steps(
-                model, local, shared, cfg.train, schedule=cfg.fedsdr.schedule, steps=steps,
-                first_step=(server_round - 1) * steps, total_steps=cfg.federation.rounds * steps,
-                pad_id=session.tokenizer.pad_token_id, autocast=session.runtime.autocast,
-                joint_lambda=cfg.fedsdr.joint_lambda, on_step=lambda step, loss: advance(1),
-            )
-        activate(model, [GLOBAL, LOCAL], trainable=[])
-        metrics.update(
-            train_loss=global_stats.mean_loss, local_loss=local_stats.mean_loss, steps=float(steps),
-            tokens=float(global_stats.tokens + local_stats.tokens),
-            seconds=global_stats.seconds + local_stats.seconds, dropped_too_long=float(dropped),
-        )
-        return TrainResult(get_adapter_state(model, GLOBAL), len(examples), metrics,
-                           local_state={LOCAL: get_adapter_state(model, LOCAL)})
+        return examples, examples, dropped, metrics

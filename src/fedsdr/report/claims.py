@@ -81,9 +81,13 @@ class Claim:
             return "rests on 0 comparisons (0 items, 0 seeds)"
         items = sorted({c.result["n_items"] for c in checks})
         seeds = sorted({c.result["n_seeds"] for c in checks})
-        span = (lambda v: str(v[0]) if len(v) == 1 else f"{v[0]}–{v[-1]}")
-        return (f"rests on {len(checks)} deciding comparison{'s' if len(checks) > 1 else ''}, "
-                f"{span(items)} paired items over {span(seeds)} seed{'s' if seeds[-1] > 1 else ''} each")
+        def span(v: list[int]) -> str:
+            return str(v[0]) if len(v) == 1 else f"{v[0]}–{v[-1]}"
+
+        what = f"{span(items)} paired items over {span(seeds)} seed{'s' if seeds[-1] > 1 else ''}"
+        if len(checks) == 1:
+            return f"rests on 1 deciding comparison of {what}"
+        return f"rests on {len(checks)} deciding comparisons, each of {what}"
 
     def to_json(self) -> dict[str, Any]:
         return {"claim": self.number, "statement": self.statement, "verdict": self.verdict, "basis": self.basis(),
@@ -147,6 +151,10 @@ def claim_fedsd_beats_raw(methods: list[Method]) -> Claim:
         if acc.result is None and not reference:  # no verifiable item generated: loss decides
             loss.deciding, loss.note = True, "deciding: no accuracy items"
         claim.checks += [acc, loss]
+        for other in methods:  # the other FedSD profiles of X: shown beside the paper's
+            if other.name == raw.name and other.profile is not None and other is not fedsd \
+                    and other.algorithm not in DISTILLING:
+                claim.checks.append(_check(other, raw, "accuracy", +1, False, f"{other.profile} profile, shown"))
     have = {raw.name for _, raw in pairs}
     for m in methods:
         if m.profile is None and m.algorithm not in DISTILLING | REFERENCE_POINTS and m.name not in have:
@@ -280,6 +288,9 @@ def claims_markdown(claims: list[Claim], title: str = "") -> str:
     for claim in claims:
         md += f"## Claim {claim.number}: {claim.statement}\n\n"
         md += f"**Claim {claim.number} verdict: {claim.verdict}** — {claim.basis()}.\n\n"
+        if claim.deciding and min(c.result["n_seeds"] for c in claim.deciding) < 3:
+            md += ("With fewer than 3 seeds the variation between seeds is poorly estimated: the verdict is "
+                   "provisional (compare the seed-level column).\n\n")
         if claim.checks:
             header, rows = claim_rows(claim)
             md += to_markdown(TableData("", header, rows))

@@ -51,12 +51,12 @@ def algorithm_name(algorithm: str) -> str:
 
 
 def method_label(algorithm: str, profile: str | None, name: str | None = None) -> str:
-    """"FedAvg", "FedAvg+FedSD[paper]", "FedSDR"...: the algorithm (or `name`), then the FedSD
+    """"FedAvg", "FedAvg+FedSD(paper)", "FedSDR"...: the algorithm (or `name`), then the FedSD
     variant for algorithms where FedSD is an option (`profile` None: raw data)."""
     base = name or algorithm_name(algorithm)
     if profile is None or algorithm in DISTILLING:
         return base
-    return base + "+FedSD" + (f"[{profile}]" if profile else "")
+    return base + "+FedSD" + (f"({profile})" if profile else "")
 
 
 def _fingerprint(row: dict[str, Any]) -> str:

@@ -53,6 +53,8 @@ def _save(fig: Any, path: Path) -> Path:
 def curves(methods: dict[str, dict[int, Run]], path: Path) -> Plot | None:
     """Per round, the global model's figures on the global held-out set (and the general suite's
     accuracy when present): mean over seeds, band mean ± std (one seed: ± 1.96 se)."""
+    from matplotlib.ticker import MaxNLocator
+
     panels = list(CURVE_METRICS)
     if any(run.curve("accuracy", "general") for runs in methods.values() for run in runs.values()):
         panels.append(("accuracy", "general", "general suite accuracy"))
@@ -76,6 +78,7 @@ def curves(methods: dict[str, dict[int, Run]], path: Path) -> Plot | None:
             drawn = True
         ax.set_title(f"{name} ({split})", fontsize=10)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     if not drawn:
         return None

@@ -47,11 +47,13 @@ def to_markdown(table: TableData, level: int = 3) -> str:
 
 
 def to_rich(table: TableData) -> Table:
-    out = Table(title=table.title, caption=table.note or None)
+    from rich.markup import escape
+
+    out = Table(title=escape(table.title), caption=escape(table.note) if table.note else None)
     for i, h in enumerate(table.header):
-        out.add_column(h, justify="left" if i == 0 and table.first_left else "right")
+        out.add_column(escape(h), justify="left" if i == 0 and table.first_left else "right", no_wrap=i == 0)
     for row in table.rows:
-        out.add_row(*row)
+        out.add_row(*(escape(c) for c in row))
     return out
 
 
@@ -98,6 +100,14 @@ def fmt_diff(d: dict[str, Any] | None, digits: int = 3) -> str:
     return f"{d['mean']:+.{digits}f} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]{mark}"
 
 
+def fmt_spread(stat: dict[str, Any] | None, digits: int = 0) -> str:
+    """"mean ± std" over seeds (costs: an interval of a cost says little)."""
+    if not stat:
+        return "-"
+    text = f"{stat['mean']:.{digits}f}"
+    return text + (f" ± {stat['std']:.{digits}f}" if stat.get("std") is not None else "")
+
+
 def fmt_bytes(value: float | None) -> str:
     if value is None:
         return "-"
@@ -113,7 +123,9 @@ def run_label(cfg: RunConfig) -> str:
 
 
 def round_table(cfg: RunConfig, server_round: int, rows: list[dict[str, Any]]) -> Table:
-    table = Table(title=f"{cfg.name} ({run_label(cfg)}) round {server_round}")
+    from rich.markup import escape
+
+    table = Table(title=escape(f"{cfg.name} ({run_label(cfg)}) round {server_round}"))
     table.add_column("scope")
     table.add_column("model")
     table.add_column("split")
@@ -244,20 +256,21 @@ def results_tables(results: dict[str, Any]) -> list[TableData]:
     methods: dict[str, Any] = results["methods"]
     tables = []
     domains = sorted({d for m in methods.values() for d in m["splits"].get(GLOBAL_SPLIT, {}) if d != "all"})
-    header = ["method", "seeds", *[f"acc {d}" for d in domains], "acc all", "halluc.", "rougeL", "gen len", "loss"]
+    overall_keys = ("accuracy", "hallucination", "rougeL", "gen_len", "repeat4", "loss")
     rows = []
     for label, m in methods.items():
-        split = m["splits"].get(GLOBAL_SPLIT, {})
-        cells = []
-        for d in domains:
-            figures = split.get(d) or {}
-            cells.append(fmt_stat(figures.get("accuracy") or figures.get("rougeL")))
-        overall = split.get("all") or {}
-        rows.append([label, str(len(m["seeds"])), *cells,
-                     *(fmt_stat(_stat(overall, k), _digits(k)) for k in ("accuracy", "hallucination", "rougeL",
-                                                                         "gen_len", "loss"))])
-    tables.append(TableData("Global model, clients' domains (global held-out set), last round", header, rows,
-                            note=STAT_NOTE))
+        overall = (m["splits"].get(GLOBAL_SPLIT, {}).get("all")) or {}
+        rows.append([label, str(len(m["seeds"])), *(fmt_stat(_stat(overall, k), _digits(k)) for k in overall_keys)])
+    tables.append(TableData("Global model on the global held-out set (every client domain), last round",
+                            ["method", "seeds", *(SHORT.get(k, k) for k in overall_keys)], rows, note=STAT_NOTE))
+    if domains:
+        rows = []
+        for label, m in methods.items():
+            split = m["splits"].get(GLOBAL_SPLIT, {})
+            rows.append([label, *(fmt_stat((split.get(d) or {}).get("accuracy") or (split.get(d) or {}).get("rougeL"))
+                                  for d in domains)])
+        tables.append(TableData("Per domain: accuracy (ROUGE-L for open-ended domains), global model, last round",
+                                ["method", *domains], rows, note=STAT_NOTE))
     other = sorted({s for m in methods.values() for s in m["splits"] if s != GLOBAL_SPLIT})
     for split in other:
         rows = []
@@ -287,13 +300,14 @@ def results_tables(results: dict[str, Any]) -> list[TableData]:
         rows.append([label, fmt_stat(_stat(base, "accuracy")), fmt_stat(_stat(base, "loss")),
                      fmt_bytes((cost.get("bytes_up_per_client_round") or {}).get("mean")),
                      fmt_bytes((cost.get("bytes_up_total") or {}).get("mean")),
-                     fmt_stat(cost.get("wall_seconds"), 0) if cost.get("wall_seconds") else "-",
-                     fmt_stat(cost.get("train_seconds_total"), 0) if cost.get("train_seconds_total") else "-"])
+                     fmt_spread(cost.get("wall_seconds")), fmt_spread(cost.get("train_seconds_total"))])
     tables.append(TableData("Round 0 (the base model) and cost",
                             ["method", "acc round 0", "loss round 0", "bytes up/client/round", "bytes up total",
                              "wall s", "train s (clients)"], rows,
-                            note="Round 0 evaluates the base model, computed once per seed and shared by every "
-                                 "cell through the model cache."))
+                            note="Round 0 evaluates the base model; its evaluation is cached under the model cache "
+                                 "and reused by every run with the same model, records and settings (in a grid: "
+                                 "computed once per seed, shared by all cells). Costs: mean ± std over seeds; "
+                                 "wall time of the sessions that completed a cell."))
     rows = []
     for label, m in methods.items():
         rw = m.get("rewrite")
