@@ -144,6 +144,9 @@ class FederationConfig(_Section):
     num_malicious_clients: int = Field(0, ge=0, description="Krum, MultiKrum, Bulyan: clients assumed hostile.")
     multikrum_select: int = Field(1, ge=1, description="MultiKrum: client adapters averaged.")
     ray_client_cpus: float = Field(1.0, gt=0, description="ray engine: CPUs per virtual client.")
+    ray_client_gpus: float | None = Field(
+        None, ge=0, description="ray engine: GPUs per virtual client (unset: 1 / clients when CUDA is present, else 0)."
+    )
     round_timeout: float | None = Field(
         None,
         gt=0,
@@ -175,9 +178,7 @@ class EvalConfig(_Section):
     generate_per_domain: int = Field(
         0, ge=0, description="Generate answers for at most this many records per domain (0: all of them)."
     )
-    max_new_tokens: int = Field(
-        128, ge=1, description="Smallest token budget of a domain (see budget_ratio)."
-    )
+    max_new_tokens: int = Field(128, ge=1, description="Smallest token budget of a domain (see budget_ratio).")
     budget_ratio: float = Field(
         1.5,
         gt=0,

@@ -140,13 +140,24 @@ def run_ray(cfg: RunConfig, run: RunDir, resume: bool = False) -> dict:
     started = time.perf_counter()
     run_simulation(
         server_app=server_app, client_app=client_app, num_supernodes=cfg.partition.num_clients,
-        backend_config={"client_resources": {"num_cpus": cfg.federation.ray_client_cpus, "num_gpus": 0.0},
+        backend_config={"client_resources": {"num_cpus": cfg.federation.ray_client_cpus,
+                                             "num_gpus": ray_client_gpus(cfg)},
                         "init_args": {"include_dashboard": False, "log_to_driver": True}},
     )
     if not result:
         raise RuntimeError(f"ray engine: the run ended without a result after {time.perf_counter() - started:.0f} s; "
                            "see the log above")
     return result
+
+
+def ray_client_gpus(cfg: RunConfig) -> float:
+    """GPUs per Ray client: the config's, else a share of one GPU per client when CUDA is there."""
+    if cfg.federation.ray_client_gpus is not None:
+        return cfg.federation.ray_client_gpus
+    import torch
+
+    on_gpu = cfg.model.device != "cpu" and torch.cuda.is_available()
+    return 1.0 / cfg.partition.num_clients if on_gpu else 0.0
 
 
 def run_federation(cfg: RunConfig, run: RunDir, resume: bool = False) -> dict:
