@@ -326,3 +326,28 @@ def test_large_tasks_are_capped_deterministically(fake, monkeypatch):
     assert (cache / "locks" / "bigbench-general.lock").exists()
     other = prepare_bigbench(cache_dir=cache.parent / "other", progress=False)
     assert (other / "crass_ai.jsonl").read_bytes() == (folder / "crass_ai.jsonl").read_bytes()
+
+
+def test_general_suite_in_a_run(fake, tmp_path) -> None:
+    """eval.suites = ["general"]: the server evaluates the global model and each client its
+    personalized model on the same items, at the generation rounds; each domain is a task."""
+    import json as _json
+
+    from fedsdr.cli import main
+
+    out = tmp_path / "run"
+    code = main(["run", "--config", "configs/smoke-fedsdr.toml", "--out", str(out), "--set", "federation.rounds=2",
+                 "--set", 'eval.suites=["general"]', "--set", "eval.general_items_per_task=2",
+                 "--set", f'model.cache_dir="{tmp_path / "cache"}"', "--set", "eval.every_round=false"])
+    assert code == 0
+    rows = [_json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    general = [r for r in rows if r.get("split") == "general"]
+    assert {(r["round"], r["model"]) for r in general} == {(0, "global"), (2, "global"), (0, "personalized"),
+                                                           (2, "personalized")}
+    assert all(set(r["domains"]) <= set(DOMAINS) and "accuracy" in r for r in general)
+    assert not [r for r in rows if r["round"] == 1 and r["kind"] == "eval"]  # every_round = false
+    preds = [_json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    server_items = {p["id"] for p in preds if p["split"] == "general" and p["round"] == 2}
+    client_items = {p["id"] for p in (_json.loads(x) for x in (out / "clients/client-0/predictions.jsonl")
+                                      .read_text().splitlines()) if p["split"] == "general" and p["round"] == 2}
+    assert server_items and server_items == client_items

@@ -311,18 +311,41 @@ def test_cache_key_covers_inputs() -> None:
     cfg = DistillConfig()
     base = cache_key("m", None, [MATH, FAQ], cfg)
     assert base == cache_key("m", None, [MATH, FAQ], DistillConfig(enabled=True, refresh_every=2))
+    # the filters are applied again to cached rows: both profiles share one rewriting pass
+    assert base == cache_key("m", None, [MATH, FAQ], DistillConfig(filters={"profile": "paper"}))
     changed = [
         cache_key("other", None, [MATH, FAQ], cfg),
         cache_key("m", "adapter-sha", [MATH, FAQ], cfg),
         cache_key("m", None, [MATH, FAQ.replace(output="different")], cfg),
         cache_key("m", None, [MATH, FAQ.replace(input="more")], cfg),
         cache_key("m", None, [FAQ, MATH], cfg),
-        cache_key("m", None, [MATH, FAQ], DistillConfig(filters={"max_length_ratio": 3.0})),
         cache_key("m", None, [MATH, FAQ], DistillConfig(template={"system": "Be terse."})),
         cache_key("m", None, [MATH, FAQ], DistillConfig(temperature=0.5)),
         cache_key("m", None, [MATH, FAQ], cfg, seed=1),
     ]
     assert len({base, *changed}) == len(changed) + 1
+
+
+def test_refilter_chooses_targets_again_under_other_filters() -> None:
+    from fedsdr.distill import refilter
+
+    records = [rec.replace(id=f"r{i}") for i, (rec, *_) in enumerate(CASES)]
+    safe = [refilter([_fresh_row(r, text, trunc)], FilterConfig())[0] for r, (_, text, trunc, _) in zip(records, CASES,
+                                                                                               strict=True)]
+    assert [r.fallback for r in safe] == [reason for *_, reason in CASES]
+    paper = refilter(safe, FilterConfig(profile="paper"))
+    assert [r.fallback for r in paper] == [check_rewrite(r.record, r.rewrite, r.truncated, FilterConfig(profile="paper"))
+                                           for r in safe]
+    assert all(r.target == (r.raw if r.fallback else r.rewrite) for r in paper)
+    assert sum(r.fallback is None for r in paper) > sum(r.fallback is None for r in safe)
+
+
+def _fresh_row(record: Record, rewrite: str, truncated: bool) -> DistilledRow:
+    from fedsdr.distill.filters import is_consistent
+
+    return DistilledRow(id=record.id, raw=record.output, rewrite=rewrite.strip(), target=record.output,
+                        fallback="leak", truncated=truncated, length_ratio=1.0, record=record,
+                        consistent_rewrite=is_consistent(record, rewrite.strip()))
 
 
 def test_cache_prevents_second_generation(tiny, tmp_path) -> None:

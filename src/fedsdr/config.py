@@ -175,15 +175,19 @@ class EvalConfig(_Section):
         description="Rounds whose evaluation generates answers (loss and multiple choice run every round). "
         "0: round 0 and the last round; N > 0: also every N-th round; a list: exactly those rounds.",
     )
+    every_round: bool = Field(
+        True,
+        description="Evaluate (loss, multiple choice) after every round; False: only at the rounds that "
+        "generate answers (generate_every), to save time on large grids.",
+    )
     generate_per_domain: int = Field(
         0, ge=0, description="Generate answers for at most this many records per domain (0: all of them)."
     )
     max_new_tokens: int = Field(128, ge=1, description="Smallest token budget of a domain (see budget_ratio).")
     budget_ratio: float = Field(
-        1.5,
-        gt=0,
-        description="A domain's token budget is budget_ratio x its longest reference (in tokens), at least "
-        "max_new_tokens and at most max_new_tokens_limit, so worked solutions are not cut off.",
+        1.5, gt=0, description="A domain's token budget is budget_ratio x its longest reference "
+        "(in tokens), at least max_new_tokens and at most max_new_tokens_limit, so worked "
+        "solutions are not cut off."
     )
     max_new_tokens_limit: int = Field(512, ge=1, description="Largest token budget of a domain.")
     suites: list[Literal["general"]] = Field(
@@ -232,6 +236,10 @@ class EvalConfig(_Section):
                 "make other groups non-capturing with (?:...)"
             )
         return value
+
+    def evaluates_at(self, server_round: int, last_round: int) -> bool:
+        """Is the model evaluated after `server_round`?"""
+        return self.every_round or self.generates_at(server_round, last_round) or server_round in (0, last_round)
 
     def generates_at(self, server_round: int, last_round: int) -> bool:
         """Does the evaluation after `server_round` generate answers?"""

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from fedsdr.algorithms import get_algorithm
+from fedsdr.config import ConfigError
 from fedsdr.io import atomic_dir
 from fedsdr.runs import RunDir
 
@@ -26,26 +27,40 @@ def _copy_adapter(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, tmp / name)
 
 
-def export_run(run_dir: Path, out: Path, server_round: int | None = None, client: int | None = None,
-               merge: bool = False) -> Path:
-    run = RunDir(run_dir)
+def model_adapters(run: RunDir, server_round: int | None = None,
+                   client: int | None = None) -> tuple[int, dict[str, Path]]:
+    """(round, {adapter name: PEFT folder}) of the run's global model at checkpoint `server_round`
+    (default: the last), or with `client` that client's personalized model; the global adapter
+    first. Raises FileNotFoundError for a missing checkpoint or adapter, ConfigError when `client`
+    is given but the algorithm keeps no local adapter."""
     cfg = run.read_config()
     server_round = server_round or run.last_checkpoint()
+    if not server_round:
+        raise FileNotFoundError(f"{run.root}: no checkpoint yet; the run has no completed round")
     checkpoint = run.checkpoint_dir(server_round)
     if not (checkpoint / "adapter_model.safetensors").exists():
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint for round {server_round}")
+        raise FileNotFoundError(f"{run.root}: no complete checkpoint for round {server_round}")
     algorithm = get_algorithm(cfg)
     folders = {algorithm.global_adapter: checkpoint}
     if client is not None:
         local = algorithm.local_adapters(cfg)
         if not local:
-            raise ValueError(f"--client: {cfg.federation.algorithm} keeps no local adapter on its clients")
+            raise ConfigError(f"--client: {cfg.federation.algorithm} keeps no local adapter on its "
+                              "clients; its personalized model is the global one (drop --client)")
         for spec in local:  # each as the client left it after its last round up to `server_round`
             folder = run.client(client).last_adapter(spec.name, server_round)
             if folder is None:
-                raise FileNotFoundError(f"{run.client(client).root}: no {spec.name} adapter saved up to "
-                                        f"round {server_round}")
+                raise FileNotFoundError(f"{run.client(client).root}: no {spec.name} adapter saved up "
+                                        f"to round {server_round}")
             folders[spec.name] = folder
+    return server_round, folders
+
+
+def export_run(run_dir: Path, out: Path, server_round: int | None = None, client: int | None = None,
+               merge: bool = False) -> Path:
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    _, folders = model_adapters(run, server_round, client)
     out = Path(out)
     for name, src in folders.items():
         _copy_adapter(src, out / name)

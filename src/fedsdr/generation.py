@@ -43,35 +43,14 @@ class Generation:
     finished: bool
 
 
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[Messages],
-    *,
-    max_new_tokens: int | Sequence[int],
-    batch_size: int = 16,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    progress: str | None = None,
-    stats: GenerationStats | None = None,
-) -> list[str]:
-    """Generate one reply per chat prompt; outputs in the order of `prompts`."""
-    outputs = generate_detailed(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        progress=progress,
-        stats=stats,
-    )
-    return [o.text for o in outputs]
+def generate(model: Any, tokenizer: Any, prompts: Sequence[Messages], **kwargs: Any) -> list[str]:
+    """Generate one reply per chat prompt; outputs in the order of `prompts`.
+
+    Takes `generate_detailed`'s keyword arguments (`max_new_tokens`, required; `batch_size`,
+    `do_sample`, `temperature`, `top_p`, `seed`, `progress`, `stats`) and returns only the
+    text of each of its outputs.
+    """
+    return [o.text for o in generate_detailed(model, tokenizer, prompts, **kwargs)]
 
 
 def generate_detailed(

@@ -51,34 +51,6 @@ def _pytablewriter_compat() -> None:
                                       lambda self, value: setattr(self, "header_list", value))
 
 
-def adapter_folders(run: RunDir, server_round: int | None = None,
-                    client: int | None = None) -> tuple[int, dict[str, Path]]:
-    """(round, {adapter name: PEFT folder}) of the model to evaluate; the global adapter first."""
-    from fedsdr.algorithms import get_algorithm
-
-    cfg = run.read_config()
-    server_round = server_round or run.last_checkpoint()
-    if not server_round:
-        raise FileNotFoundError(f"{run.root}: no checkpoint yet; evaluate a run with a completed round")
-    checkpoint = run.checkpoint_dir(server_round)
-    if not (checkpoint / "adapter_model.safetensors").exists():
-        raise FileNotFoundError(f"{run.root}: no complete checkpoint for round {server_round}")
-    algorithm = get_algorithm(cfg)
-    folders = {algorithm.global_adapter: checkpoint}
-    if client is not None:
-        local = algorithm.local_adapters(cfg)
-        if not local:
-            raise ConfigError(f"--client: {cfg.federation.algorithm} keeps no local adapter on its "
-                              "clients; its personalized model is the global one (drop --client)")
-        for spec in local:
-            folder = run.client(client).last_adapter(spec.name, server_round)
-            if folder is None:
-                raise FileNotFoundError(f"{run.client(client).root}: no {spec.name} adapter saved up "
-                                        f"to round {server_round}")
-            folders[spec.name] = folder
-    return server_round, folders
-
-
 def load_model(run: RunDir, folders: dict[str, Path]):  # noqa: ANN201
     """(PEFT model with every adapter in `folders` active, tokenizer, runtime, source)."""
     import torch
@@ -147,8 +119,10 @@ def run_lm_eval(run_dir: Path, tasks: list[str], *, server_round: int | None = N
         raise ConfigError("--tasks: name at least one lm-eval task (comma-separated)")
     if include_path is not None and not Path(include_path).is_dir():
         raise FileNotFoundError(f"--include-path: {include_path} is not a folder of task YAMLs")
+    from fedsdr.export import model_adapters
+
     run = RunDir(Path(run_dir))
-    server_round, folders = adapter_folders(run, server_round, client)  # fails before any loading
+    server_round, folders = model_adapters(run, server_round, client)  # fails before any loading
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM

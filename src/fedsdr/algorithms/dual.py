@@ -33,6 +33,10 @@ from fedsdr.console import task
 from fedsdr.models import adapters as ad
 from fedsdr.train import Example, dual_stream_steps, make_stream
 
+# (local stream's examples, global stream's examples, records dropped as too long, FedSD
+# diagnostics): what `DualAdapter.stream_examples` gives a round.
+StreamExamples = tuple[list[Example], list[Example], int, dict[str, float]]
+
 
 class DualAdapter(Algorithm):
     """A global adapter (aggregated) and a local adapter (kept on its client)."""
@@ -49,8 +53,8 @@ class DualAdapter(Algorithm):
     def strategy(self, cfg: RunConfig) -> Strategy:
         return server_strategy(cfg)
 
-    def stream_examples(self, session: ClientSession, server_round: int, global_state: ad.AdapterState
-                        ) -> tuple[list[Example], list[Example], int, dict[str, float]]:
+    def stream_examples(self, session: ClientSession, server_round: int,
+                        global_state: ad.AdapterState) -> StreamExamples:
         """(local stream's examples, global stream's examples, records dropped as too long,
         FedSD diagnostics) for this round."""
         raise NotImplementedError

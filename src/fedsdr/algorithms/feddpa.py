@@ -20,10 +20,9 @@ Models: global W0 + G, client k's personalized W0 + L_k + G.
 from __future__ import annotations
 
 from fedsdr.algorithms.base import ClientSession
-from fedsdr.algorithms.dual import DualAdapter
+from fedsdr.algorithms.dual import DualAdapter, StreamExamples
 from fedsdr.algorithms.one_adapter import train_examples
 from fedsdr.models.adapters import AdapterState
-from fedsdr.train import Example
 
 GLOBAL, LOCAL = "dpa_global", "dpa_local"
 
@@ -33,8 +32,8 @@ class FedDPA(DualAdapter):
     global_adapter = GLOBAL
     local_adapter = LOCAL
 
-    def stream_examples(self, session: ClientSession, server_round: int, global_state: AdapterState
-                        ) -> tuple[list[Example], list[Example], int, dict[str, float]]:
+    def stream_examples(self, session: ClientSession, server_round: int,
+                        global_state: AdapterState) -> StreamExamples:
         """Both adapters learn from the same data: raw, or with FedSD the distilled set."""
         examples, dropped, metrics = train_examples(session, server_round, GLOBAL, global_state)
         return examples, examples, dropped, metrics

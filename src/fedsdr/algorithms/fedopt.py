@@ -23,8 +23,7 @@ class FedAvgM(FedAvg):
 
     def strategy(self, cfg: RunConfig) -> Strategy:
         fed = cfg.federation
-        return FlowerFedAvgM(**sampling_kwargs(cfg), server_learning_rate=fed.server_lr,
-                             server_momentum=fed.server_momentum)
+        return FlowerFedAvgM(**sampling_kwargs(cfg), server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum)
 
 
 def _fedopt_kwargs(cfg: RunConfig) -> dict[str, float]:

@@ -19,6 +19,7 @@ from fedsdr.distill import (
     cache_key,
     distilled_set,
     load_or_rewrite,
+    refilter,
     rewrite_records,
     summarize,
 )
@@ -76,7 +77,7 @@ def client_distilled_set(
     else:
         fingerprint = _fingerprint(global_state) if use_global else None
         key = cache_key(cfg.model.name, fingerprint, session.data.train, cfg.distill, seed=cfg.seed)
-        rows, _ = load_or_rewrite(session.cache_dir / "distill", key, compute)
+        rows = refilter(load_or_rewrite(session.cache_dir / "distill", key, compute)[0], cfg.distill.filters)
         write_json_atomic(session.disk.distill_diagnostics(source_round), summarize(rows))
         write_text_atomic(run_copy, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rows))
     session.distilled_rows = rows

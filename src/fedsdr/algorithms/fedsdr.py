@@ -18,10 +18,9 @@ Models that come out: the global model W0 + R, and client k's personalized model
 from __future__ import annotations
 
 from fedsdr.algorithms.base import ClientSession
-from fedsdr.algorithms.dual import DualAdapter
+from fedsdr.algorithms.dual import DualAdapter, StreamExamples
 from fedsdr.algorithms.fedsd import client_distilled_set, diagnostic_metrics
 from fedsdr.models.adapters import AdapterState
-from fedsdr.train import Example
 
 SMOOTH, RECTIFY = "smooth", "rectify"
 
@@ -31,8 +30,7 @@ class FedSDR(DualAdapter):
     global_adapter = RECTIFY
     local_adapter = SMOOTH
 
-    def stream_examples(self, session: ClientSession, server_round: int, global_state: AdapterState
-                        ) -> tuple[list[Example], list[Example], int, dict[str, float]]:
+    def stream_examples(self, session: ClientSession, server_round: int, global_state: AdapterState) -> StreamExamples:
         """S learns from the distilled set, R from the raw data."""
         distilled = client_distilled_set(session, server_round, RECTIFY, global_state)
         distilled_examples, dropped_distilled = session.encoded(f"distilled-{session.distilled_from_round}", distilled)

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import functools
 import gzip
+import itertools
 import json
 import random
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from typing import Any
 
@@ -70,6 +71,23 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+# A would-be record of a domain: (instruction, output, the other Record fields but id/domain).
+Candidate = tuple[str, str, dict[str, Any]]
+
+
+def _first_fitting(
+    domain: str, n: int, max_chars: int, candidates: Iterable[Candidate]
+) -> list[Record]:
+    """Records of the first `n` candidates that fit in `max_chars`, ids `"<domain>-0000"` on."""
+    fitting = (c for c in candidates if _fits(c[0], c[1], max_chars))
+    return [
+        Record(
+            id=f"{domain}-{i:04d}", instruction=instruction, output=output, domain=domain, **fields
+        )
+        for i, (instruction, output, fields) in enumerate(itertools.islice(fitting, n))
+    ]
+
+
 # ---------------------------------------------------------------------------
 # reasoning-gym domains
 # ---------------------------------------------------------------------------
@@ -88,56 +106,33 @@ def _rg_entries(domain: str, n: int, seed: int) -> Iterator[tuple[int, dict[str,
         yield index, dataset[index]
 
 
-def _build_terse_rg(domain: str, n: int, seed: int, max_chars: int) -> list[Record]:
+def _terse_rg_candidates(domain: str, n: int, seed: int) -> Iterator[Candidate]:
     task = _RG_SETTINGS[domain][0]
-    records: list[Record] = []
     for index, entry in _rg_entries(domain, n, seed):
-        if len(records) >= n:
-            break
-        instruction = f"{entry['question'].strip()}\n{TERSE_SUFFIX}"
         output = str(entry["answer"]).strip()
-        if "\n" in output or not _fits(instruction, output, max_chars):
+        if "\n" in output:
             continue
-        records.append(
-            Record(
-                id=f"{domain}-{len(records):04d}",
-                instruction=instruction,
-                output=output,
-                domain=domain,
-                answer=output,
-                scorer="reasoning_gym",
-                meta={"rg_task": task, "source_index": index, "entry": _json_safe(entry)},
-            )
+        meta = {"rg_task": task, "source_index": index, "entry": _json_safe(entry)}
+        yield (
+            f"{entry['question'].strip()}\n{TERSE_SUFFIX}",
+            output,
+            {"answer": output, "scorer": "reasoning_gym", "meta": meta},
         )
-    return records
 
 
 _GSM_FINAL = re.compile(r"^\s*####\s*(.+?)\s*$", re.MULTILINE)
 
 
-def _build_gsm(domain: str, n: int, seed: int, max_chars: int) -> list[Record]:
-    records: list[Record] = []
+def _gsm_candidates(domain: str, n: int, seed: int) -> Iterator[Candidate]:
     for index, entry in _rg_entries(domain, n, seed):
-        if len(records) >= n:
-            break
         answer = str(entry["answer"]).strip()
         cot = _GSM_FINAL.sub("", entry["metadata"]["answer_cot"]).strip()
-        instruction = f"{entry['question'].strip()}\n{ANSWER_LINE_SUFFIX}"
-        output = f"{cot}\nAnswer: {answer}"
-        if not _fits(instruction, output, max_chars):
-            continue
-        records.append(
-            Record(
-                id=f"{domain}-{len(records):04d}",
-                instruction=instruction,
-                output=output,
-                domain=domain,
-                answer=answer,
-                scorer="numeric",
-                meta={"rg_task": "gsm_symbolic", "source_index": index},
-            )
+        meta = {"rg_task": "gsm_symbolic", "source_index": index}
+        yield (
+            f"{entry['question'].strip()}\n{ANSWER_LINE_SUFFIX}",
+            f"{cot}\nAnswer: {answer}",
+            {"answer": answer, "scorer": "numeric", "meta": meta},
         )
-    return records
 
 
 # ---------------------------------------------------------------------------
@@ -203,32 +198,18 @@ def champ_verifiable_answer(raw: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _build_competition_math(domain: str, n: int, seed: int, max_chars: int) -> list[Record]:
+def _competition_math_candidates(domain: str, n: int, seed: int) -> Iterator[Candidate]:
     problems = list(_champ_problems())
     random.Random(_domain_seed(seed, domain)).shuffle(problems)
-    records: list[Record] = []
     for p in problems:
-        if len(records) >= n:
-            break
         answer, scorer = champ_verifiable_answer(p["answer"])
-        instruction = f"{p['text']}\n{ANSWER_LINE_SUFFIX}"
-        output = (
-            "\n".join(p["steps"]) + f"\nAnswer: {answer if answer is not None else p['answer']}"
+        final = answer if answer is not None else p["answer"]
+        meta = {"source_id": p["id"], "category": p["category"], "raw_answer": p["answer"]}
+        yield (
+            f"{p['text']}\n{ANSWER_LINE_SUFFIX}",
+            "\n".join(p["steps"]) + f"\nAnswer: {final}",
+            {"answer": answer, "scorer": scorer, "meta": meta},
         )
-        if not _fits(instruction, output, max_chars):
-            continue
-        records.append(
-            Record(
-                id=f"{domain}-{len(records):04d}",
-                instruction=instruction,
-                output=output,
-                domain=domain,
-                answer=answer,
-                scorer=scorer,
-                meta={"source_id": p["id"], "category": p["category"], "raw_answer": p["answer"]},
-            )
-        )
-    return records
 
 
 # ---------------------------------------------------------------------------
@@ -244,26 +225,13 @@ def _faq_entries() -> tuple[dict[str, Any], ...]:
     return tuple(sorted(entries, key=lambda e: e["id"]))
 
 
-def _build_construction_faq(domain: str, n: int, seed: int, max_chars: int) -> list[Record]:
+def _construction_faq_candidates(domain: str, n: int, seed: int) -> Iterator[Candidate]:
     entries = list(_faq_entries())
     random.Random(_domain_seed(seed, domain)).shuffle(entries)
-    records: list[Record] = []
     for e in entries:
-        if len(records) >= n:
-            break
         instruction, output = e["q"].strip(), e["a"].strip()
-        if not instruction or not output or not _fits(instruction, output, max_chars):
-            continue
-        records.append(
-            Record(
-                id=f"{domain}-{len(records):04d}",
-                instruction=instruction,
-                output=output,
-                domain=domain,
-                meta={"source_id": e["id"], "category": e["category"]},
-            )
-        )
-    return records
+        if instruction and output:
+            yield instruction, output, {"meta": {"source_id": e["id"], "category": e["category"]}}
 
 
 # ---------------------------------------------------------------------------
@@ -285,43 +253,33 @@ CODE_INSTRUCTION = (
 )
 
 
-def _build_code(domain: str, n: int, seed: int, max_chars: int) -> list[Record]:
+def _code_candidates(domain: str, n: int, seed: int) -> Iterator[Candidate]:
     problems = list(_humaneval_problems())
     random.Random(_domain_seed(seed, domain)).shuffle(problems)
-    records: list[Record] = []
     for p in problems:
-        if len(records) >= n:
-            break
         prompt = p["prompt"]
-        instruction = f"{CODE_INSTRUCTION}\n\n```python\n{prompt.strip()}\n```"
-        output = f"```python\n{(prompt + p['canonical_solution']).strip()}\n```"
-        if not _fits(instruction, output, max_chars):
-            continue
-        records.append(
-            Record(
-                id=f"{domain}-{len(records):04d}",
-                instruction=instruction,
-                output=output,
-                domain=domain,
-                scorer="humaneval",
-                meta={
-                    "source_id": p["task_id"],
-                    "prompt": prompt,
-                    "test": p["test"],
-                    "entry_point": p["entry_point"],
-                },
-            )
+        meta = {
+            "source_id": p["task_id"],
+            "prompt": prompt,
+            "test": p["test"],
+            "entry_point": p["entry_point"],
+        }
+        yield (
+            f"{CODE_INSTRUCTION}\n\n```python\n{prompt.strip()}\n```",
+            f"```python\n{(prompt + p['canonical_solution']).strip()}\n```",
+            {"scorer": "humaneval", "meta": meta},
         )
-    return records
 
 
-_BUILDERS: dict[str, Callable[[str, int, int, int], list[Record]]] = {
-    "arithmetic": _build_terse_rg,
-    "gsm": _build_gsm,
-    "word_sorting": _build_terse_rg,
-    "competition_math": _build_competition_math,
-    "construction_faq": _build_construction_faq,
-    "code": _build_code,
+# Each domain's candidates, in its (seeded) order: (domain, n, seed) -> candidates; the
+# reasoning-gym ones draw at most 20n + 100 entries.
+_CANDIDATES: dict[str, Callable[[str, int, int], Iterator[Candidate]]] = {
+    "arithmetic": _terse_rg_candidates,
+    "gsm": _gsm_candidates,
+    "word_sorting": _terse_rg_candidates,
+    "competition_math": _competition_math_candidates,
+    "construction_faq": _construction_faq_candidates,
+    "code": _code_candidates,
 }
 
 
@@ -341,7 +299,7 @@ def build_multi_domain(
     if records_per_domain < 0:
         raise ValueError(f"records_per_domain must be >= 0, got {records_per_domain}")
     chosen = DOMAINS if domains is None else tuple(domains)
-    unknown = [d for d in chosen if d not in _BUILDERS]
+    unknown = [d for d in chosen if d not in _CANDIDATES]
     if unknown:
         raise ValueError(f"unknown domain(s) {unknown}; known domains: {', '.join(DOMAINS)}")
     if len(set(chosen)) != len(chosen):
@@ -349,5 +307,6 @@ def build_multi_domain(
     records: list[Record] = []
     for domain in chosen:
         if records_per_domain:
-            records.extend(_BUILDERS[domain](domain, records_per_domain, seed, max_chars))
+            candidates = _CANDIDATES[domain](domain, records_per_domain, seed)
+            records.extend(_first_fitting(domain, records_per_domain, max_chars, candidates))
     return records

@@ -6,6 +6,7 @@ from fedsdr.distill.engine import (
     DistillConfig,
     DistilledRow,
     distilled_set,
+    refilter,
     rewrite_records,
 )
 from fedsdr.distill.filters import REASONS, FilterConfig, check_rewrite
@@ -23,6 +24,7 @@ __all__ = [
     "check_rewrite",
     "rewrite_records",
     "distilled_set",
+    "refilter",
     "load_or_rewrite",
     "render_table",
     "summarize",

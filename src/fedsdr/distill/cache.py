@@ -13,8 +13,9 @@ from fedsdr.distill.engine import DistillConfig, DistilledRow
 from fedsdr.io import write_json_atomic, write_text_atomic
 
 CACHE_VERSION = 1
-# Settings that do not change what a rewrite pass produces.
-_NOT_IN_KEY = {"enabled", "refresh_every"}
+# Settings that do not change what a rewrite pass generates (the filters are applied again to
+# cached rows, so the "paper" and "safe" profiles share one pass).
+_NOT_IN_KEY = {"enabled", "refresh_every", "filters"}
 
 
 def cache_key(
@@ -25,8 +26,8 @@ def cache_key(
     *,
     seed: int = 0,
 ) -> str:
-    """sha256 over the model, the adapter, every record, the template, generation and
-    filter settings, and the seed (hex digest)."""
+    """sha256 over the model, the adapter, every record, the template, the generation settings
+    and the seed (hex digest); not the filters, which `refilter` applies to cached rows."""
     payload = {
         "version": CACHE_VERSION,
         "model_id": model_id,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedsdr.config import DistillConfig
+from fedsdr.config import DistillConfig, FilterConfig
 from fedsdr.data.schema import Record
 from fedsdr.distill.filters import check_rewrite, is_consistent, length_ratio
 from fedsdr.distill.prompt import build_rewrite_messages
@@ -94,27 +94,34 @@ def rewrite_records(
         progress=progress,
         stats=stats,
     )
-    rows = []
-    for record, out in zip(records, outputs, strict=True):
-        rewrite = out.text.strip()
-        truncated = not out.finished
-        consistent = is_consistent(record, rewrite)
-        fallback = check_rewrite(record, rewrite, truncated, cfg.filters, consistent=consistent)
-        rows.append(
-            DistilledRow(
-                id=record.id,
-                raw=record.output,
-                rewrite=rewrite,
-                target=record.output if fallback else rewrite,
-                fallback=fallback,
-                truncated=truncated,
-                length_ratio=length_ratio(rewrite, record.output),
-                record=record,
-                consistent_rewrite=consistent,
-                consistent_target=is_consistent(record, record.output) if fallback else consistent,
-            )
-        )
+    rows = [
+        _choose_target(record, out.text.strip(), not out.finished, cfg.filters, is_consistent(record, out.text.strip()))
+        for record, out in zip(records, outputs, strict=True)
+    ]
     return rows
+
+
+def _choose_target(record: Record, rewrite: str, truncated: bool, filters: FilterConfig,
+                   consistent: bool | None) -> DistilledRow:
+    fallback = check_rewrite(record, rewrite, truncated, filters, consistent=consistent)
+    return DistilledRow(
+        id=record.id,
+        raw=record.output,
+        rewrite=rewrite,
+        target=record.output if fallback else rewrite,
+        fallback=fallback,
+        truncated=truncated,
+        length_ratio=length_ratio(rewrite, record.output),
+        record=record,
+        consistent_rewrite=consistent,
+        consistent_target=is_consistent(record, record.output) if fallback else consistent,
+    )
+
+
+def refilter(rows: Sequence[DistilledRow], filters: FilterConfig) -> list[DistilledRow]:
+    """The same rewrites with each training target chosen again under `filters` (the rewrite
+    cache is keyed by the generation alone, so both filter profiles share one rewriting pass)."""
+    return [_choose_target(r.record, r.rewrite, r.truncated, filters, r.consistent_rewrite) for r in rows]
 
 
 def distilled_set(rows: Sequence[DistilledRow]) -> list[Record]:

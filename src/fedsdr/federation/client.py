@@ -145,7 +145,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         activate(model, active, trainable=[])
         base_model = all(adds_nothing(states[name]) for name in active)
         sets = {"client_test": session.data.test}
-        if label != "global":
+        if label != "global" and generate:  # suites at the generation rounds, as on the server
             sets.update(session.suites)
         for split, records in sets.items():
             result, preds = session.evaluator(records, generate=generate, base_model=base_model,

@@ -75,6 +75,8 @@ class Server:
         generate = self.cfg.eval.generates_at(server_round, self.cfg.federation.rounds)
         rows, predictions = [], []
         for split, records in self.eval_sets.items():
+            if split != "global_test" and not generate:
+                continue  # held-out suites are evaluated at the generation rounds
             result, preds = self.evaluator(records, generate=generate, base_model=adds_nothing(state),
                                            progress=f"server: {split}")
             where = {"round": server_round, "scope": "global", "model": "global", "split": split}
@@ -199,7 +201,8 @@ class Server:
             for server_round in range(start + 1, cfg.federation.rounds + 1):
                 arrays, train_rows = self.train_round(grid, server_round, arrays)
                 eval_rows = [*self.evaluate_global(server_round, arrays),
-                             *self.evaluate_clients(grid, server_round, arrays)]
+                             *self.evaluate_clients(grid, server_round, arrays)
+                             ] if cfg.eval.evaluates_at(server_round, cfg.federation.rounds) else []
                 run.append_metrics(train_rows + eval_rows)
                 self.checkpoint(server_round, arrays)  # after the metrics: a complete round
                 report.print_round(cfg, server_round, train_rows + eval_rows)
