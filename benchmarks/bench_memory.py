@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 import tempfile
@@ -166,8 +168,7 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
           checkpointing: bool = False) -> None:
     phases = Phases(trim)
     os.environ.setdefault("FEDSDR_PROGRESS", "0")
-    import fedsdr.algorithms.fedavg as fedavg
-    import fedsdr.algorithms.fedsdr as fedsdr_alg
+    import fedsdr.algorithms as algorithms
     import fedsdr.evaluate as evaluate
     import fedsdr.generation as generation
     import fedsdr.train as train
@@ -188,7 +189,8 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
         phases.wrap(generation, name, "eval:generate")
     if hasattr(evaluate, "choice_scores"):
         phases.wrap(evaluate, "choice_scores", "eval:choice")
-    for module in (fedavg, fedsdr_alg):
+    for info in pkgutil.iter_modules(algorithms.__path__):  # wherever the algorithms call them
+        module = importlib.import_module(f"fedsdr.algorithms.{info.name}")
         for name in ("sft_steps", "dual_stream_steps"):
             if hasattr(module, name):
                 phases.wrap(module, name, "train")

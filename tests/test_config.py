@@ -38,7 +38,10 @@ def test_smoke_config_loads() -> None:
 def test_quickstart_config_loads() -> None:
     cfg = load_config(str(QUICKSTART))  # a str path works too
     assert cfg.model.name == "smollm2-135m-instruct"
-    assert cfg.data.domains == ["arithmetic", "gsm", "construction_faq", "code"]
+    assert cfg.data.domains == ["arithmetic", "gsm", "construction_faq", "word_sorting"]
+    # sizes that decide: >= 100 held out per domain for loss, >= 50 generated answers per domain
+    assert cfg.data.global_test_per_domain >= 100 and cfg.eval.generate_per_domain >= 50
+    assert cfg.data.records_per_domain >= cfg.data.global_test_per_domain + 64
     assert cfg.partition.method == "domain"
     assert cfg.partition.num_clients == 4
     assert cfg.federation.algorithm == "fedavg"

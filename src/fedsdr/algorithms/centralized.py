@@ -25,18 +25,11 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedsdr.algorithms.base import (
-    Algorithm,
-    ClientSession,
-    LocalState,
-    TrainResult,
-    sampling_kwargs,
-)
-from fedsdr.algorithms.one_adapter import train_adapter, train_examples
+from fedsdr.algorithms.base import ClientSession, sampling_kwargs
+from fedsdr.algorithms.fedavg import FedAvg
 from fedsdr.config import RunConfig
 from fedsdr.data.federated import build_federated_data
 from fedsdr.data.partition import ClientData
-from fedsdr.models.adapters import AdapterState
 from fedsdr.runs import ClientDir
 
 
@@ -68,18 +61,16 @@ def pooled_session(session: ClientSession) -> ClientSession:
                          disk=ClientDir(session.disk.root / "pool"), cache_dir=session.cache_dir)
 
 
-class Centralized(Algorithm):
+class Centralized(FedAvg):
+    """FedAvg's client step, on the pool, by the one trainer `OneTrainer` picks."""
+
     name = "centralized"
 
     def strategy(self, cfg: RunConfig) -> Strategy:
         return OneTrainer(**sampling_kwargs(cfg))
 
-    def train(self, session: ClientSession, global_state: AdapterState, server_round: int,
-              config: dict[str, Any], local_state: LocalState, received: dict[str, AdapterState]) -> TrainResult:
-        adapter = self.global_adapter
-        examples, dropped, metrics = train_examples(session, server_round, adapter, global_state,
-                                                    pool=pooled_session(session))
+    def round_plan(self, session: ClientSession) -> dict[str, Any]:
+        """M * K steps on the pool (raw, or its distilled set), seeded by the pool rather than by
+        the trainer's client id."""
         steps = clients_per_round(session.cfg) * session.cfg.train.local_steps
-        result = train_adapter(session, adapter, global_state, examples, server_round, steps=steps, seed_scope="pool")
-        return TrainResult(result.state, len(examples),
-                           {**metrics, **result.metrics, "dropped_too_long": float(dropped)})
+        return {"steps": steps, "pool": pooled_session(session), "seed_scope": "pool"}

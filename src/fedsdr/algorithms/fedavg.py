@@ -21,7 +21,7 @@ from fedsdr.algorithms.base import (
     proximal_mu,
     sampling_kwargs,
 )
-from fedsdr.algorithms.one_adapter import train_adapter, train_examples
+from fedsdr.algorithms.one_adapter import train_global_adapter
 from fedsdr.config import RunConfig
 from fedsdr.models.adapters import AdapterState
 
@@ -35,9 +35,10 @@ class FedAvg(Algorithm):
     def train(self, session: ClientSession, global_state: AdapterState, server_round: int,
               config: dict[str, Any], local_state: LocalState, received: dict[str, AdapterState]) -> TrainResult:
         """K local steps from the global adapter, on raw data or (Algorithm + FedSD) the distilled set."""
-        adapter = self.global_adapter
-        examples, dropped, metrics = train_examples(session, server_round, adapter, global_state)
-        trained = train_adapter(session, adapter, global_state, examples, server_round,
-                                steps=session.cfg.train.local_steps, proximal_mu=proximal_mu(config))
-        metrics.update(trained.metrics, dropped_too_long=float(dropped))
-        return TrainResult(trained.state, len(examples), metrics)
+        return train_global_adapter(session, self.global_adapter, global_state, server_round,
+                                    proximal_mu=proximal_mu(config), **self.round_plan(session))
+
+    def round_plan(self, session: ClientSession) -> dict[str, Any]:
+        """`train_global_adapter`'s steps (and pool, seed scope) for a round: K steps on the
+        client's own data, seeded by its client id."""
+        return {"steps": session.cfg.train.local_steps}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
-from fedsdr.algorithms.base import ClientSession, derive_seed
+from fedsdr.algorithms.base import ClientSession, TrainResult, derive_seed
 from fedsdr.algorithms.fedsd import client_distilled_set, diagnostic_metrics
 from fedsdr.console import task
 from fedsdr.models.adapters import (
@@ -88,3 +88,17 @@ def train_adapter(
                "seconds": stats.seconds}
     lr_sum = sum(lr_at(cfg.train, first + k, total) for k in range(steps))
     return AdapterRound(get_adapter_state(model, adapter), metrics, lr_sum)
+
+
+def train_global_adapter(
+    session: ClientSession, adapter: str, global_state: AdapterState, server_round: int, *,
+    steps: int, pool: ClientSession | None = None, seed_scope: object = None, proximal_mu: float = 0.0,
+) -> TrainResult:
+    """FedAvg's client round: `steps` optimizer steps of the global `adapter` from `global_state`
+    on the round's examples (`train_examples`, of `pool` when given); metrics are the FedSD
+    diagnostics, the training metrics and `dropped_too_long`."""
+    examples, dropped, metrics = train_examples(session, server_round, adapter, global_state, pool=pool)
+    trained = train_adapter(session, adapter, global_state, examples, server_round, steps=steps,
+                            seed_scope=seed_scope, proximal_mu=proximal_mu)
+    metrics.update(trained.metrics, dropped_too_long=float(dropped))
+    return TrainResult(trained.state, len(examples), metrics)

@@ -65,6 +65,35 @@ def update_norm(record: ArrayRecord, reference: dict[str, np.ndarray]) -> float:
     return math.sqrt(sum(float(np.sum((v.numpy().astype(np.float64) - reference[k]) ** 2)) for k, v in record.items()))
 
 
+def _reply_problem(msg: Message, reference: dict[str, np.ndarray], seen: set[int], num_clients: int,
+                   fed: FederationConfig, uploads_global: bool) -> str | None:
+    """Why one training reply is unfit for aggregation (None when it is fit), checked in order;
+    `seen`: the partition ids of the replies accepted before it."""
+    if msg.has_error():
+        return f"client error: {msg.error.reason}"
+    if "metrics" not in msg.content.metric_records:
+        return "no MetricRecord 'metrics'"
+    metrics = msg.content["metrics"]
+    pid = _partition_id(msg)
+    if pid is None or not 0 <= pid < num_clients:
+        return f"partition-id {metrics.get('partition-id')!r} is not one of 0..{num_clients - 1}"
+    if pid in seen:
+        return f"partition-id {pid} already replied this round"
+    n = metrics.get("num-examples")
+    if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0 or n > fed.max_num_examples:
+        return f"num-examples {n!r} is not in 1..{fed.max_num_examples}"
+    if "arrays" not in msg.content.array_records:
+        return "no ArrayRecord 'arrays'"
+    arrays = msg.content["arrays"]
+    if not uploads_global and len(arrays):
+        return "this algorithm uploads nothing, but the reply carries tensors"
+    problem = _arrays_problem(arrays, reference, exact=True) if uploads_global else None
+    for name, extra in msg.content.array_records.items():
+        if problem is None and name != "arrays":
+            problem = _arrays_problem(extra, reference, exact=False)
+    return problem
+
+
 def validate_replies(
     replies: list[Message], sent: ArrayRecord, num_clients: int, fed: FederationConfig, *, uploads_global: bool = True,
 ) -> tuple[list[Message], list[Rejection]]:
@@ -78,39 +107,11 @@ def validate_replies(
         rejected.append(Rejection(msg.metadata.src_node_id, _partition_id(msg), reason))
 
     for msg in replies:
-        if msg.has_error():
-            reject(msg, f"client error: {msg.error.reason}")
-            continue
-        if "metrics" not in msg.content.metric_records:
-            reject(msg, "no MetricRecord 'metrics'")
-            continue
-        metrics = msg.content["metrics"]
-        pid = _partition_id(msg)
-        if pid is None or not 0 <= pid < num_clients:
-            reject(msg, f"partition-id {metrics.get('partition-id')!r} is not one of 0..{num_clients - 1}")
-            continue
-        if pid in seen:
-            reject(msg, f"partition-id {pid} already replied this round")
-            continue
-        n = metrics.get("num-examples")
-        if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0 or n > fed.max_num_examples:
-            reject(msg, f"num-examples {n!r} is not in 1..{fed.max_num_examples}")
-            continue
-        if "arrays" not in msg.content.array_records:
-            reject(msg, "no ArrayRecord 'arrays'")
-            continue
-        arrays = msg.content["arrays"]
-        if not uploads_global and len(arrays):
-            reject(msg, "this algorithm uploads nothing, but the reply carries tensors")
-            continue
-        problem = _arrays_problem(arrays, reference, exact=True) if uploads_global else None
-        for name, extra in msg.content.array_records.items():
-            if problem is None and name != "arrays":
-                problem = _arrays_problem(extra, reference, exact=False)
+        problem = _reply_problem(msg, reference, seen, num_clients, fed, uploads_global)
         if problem:
             reject(msg, problem)
             continue
-        seen.add(pid)
+        seen.add(_partition_id(msg))
         candidates.append(msg)
 
     # Flower averages metrics key by key: every reply must report the same keys.

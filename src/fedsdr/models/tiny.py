@@ -15,14 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedsdr.models.cache import (
-    MARKER_FILE,
-    build_atomically,
-    file_lock,
-    quiet_hf_progress,
-    read_marker,
-    resolve_cache_dir,
-)
+from fedsdr.models import cache
 
 TINY_NAME = "tiny-random"
 TINY_FORMAT = 1
@@ -140,11 +133,11 @@ def _build(out_dir: Path, seed: int) -> None:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.eval()
-    with quiet_hf_progress(True):
+    with cache.quiet_hf_progress(True):
         model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     marker = {"name": TINY_NAME, "format": TINY_FORMAT, "seed": seed}
-    (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+    (out_dir / cache.MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
 
 
 def build_tiny_model_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:
@@ -152,12 +145,12 @@ def build_tiny_model_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:
 
     Same seed, same bytes. Cached under ``<cache>/models/tiny-random-seed<seed>``.
     """
-    cache = resolve_cache_dir(cache_dir)
-    final = cache / "models" / f"{TINY_NAME}-seed{seed}"
+    cache_root = cache.resolve_cache_dir(cache_dir)
+    final = cache_root / "models" / f"{TINY_NAME}-seed{seed}"
     expected = {"name": TINY_NAME, "format": TINY_FORMAT, "seed": seed}
 
     def ready() -> bool:
-        marker = read_marker(final)
+        marker = cache.read_marker(final)
         return (
             marker is not None
             and all(marker.get(k) == v for k, v in expected.items())
@@ -166,7 +159,7 @@ def build_tiny_model_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:
 
     if ready():
         return final
-    with file_lock(cache / "locks" / f"{final.name}.lock"):
+    with cache.file_lock(cache_root / "locks" / f"{final.name}.lock"):
         if not ready():
-            build_atomically(final, lambda tmp: _build(tmp, seed))
+            cache.build_atomically(final, lambda tmp: _build(tmp, seed))
     return final
