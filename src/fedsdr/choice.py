@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedsdr.data.schema import Record
-from fedsdr.train import chat_messages
+from fedsdr.train import IGNORE, Example, chat_messages, collate, token_nll
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -33,7 +33,6 @@ def continuation_logprobs(
     a row cannot change its scores)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]), reverse=True)
     out = [0.0] * len(pairs)
@@ -42,25 +41,16 @@ def continuation_logprobs(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(pairs[i][0]) + len(pairs[i][1]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
+            examples = []
+            for i in idx:
                 context, continuation = pairs[i]
                 if not context or not continuation:
                     raise ValueError("a context and a continuation need at least one token each")
-                seq = context + continuation
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
-            with autocast():
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                examples.append(Example(context + continuation, [IGNORE] * len(context) + list(continuation)))
+            # The vocabulary projection runs only at the continuation's positions (train.token_nll).
+            nll, _ = token_nll(model, collate(examples, pad), autocast)
             for row, i in enumerate(idx):
-                context, continuation = pairs[i]
-                # logits at position t predict token t+1: the continuation's predictors.
-                scores = logits[row, len(context) - 1:len(context) + len(continuation) - 1].float()
-                logp = torch.log_softmax(scores, dim=-1)
-                target = torch.tensor(continuation, device=logp.device)[:, None]
-                out[i] = float(logp.gather(-1, target).sum())
+                out[i] = -float(nll[row].sum())
     finally:
         model.train(was_training)
     return out
