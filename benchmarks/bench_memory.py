@@ -164,6 +164,32 @@ def _full_logits_token_nll() -> Callable:
     return token_nll
 
 
+def inventory(model: Any) -> dict[str, int]:
+    """What is still alive at the end of the run, by kind (bytes): tensors that are not the
+    model's parameters or buffers, numpy arrays, large `bytes` objects (Flower's Array payloads)."""
+    import gc
+
+    import numpy as np
+    import torch
+
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: set[int] = set()
+    out = {"tensors": 0, "numpy": 0, "bytes_over_64k": 0, "messages": 0}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            ptr = obj.untyped_storage().data_ptr()
+            if ptr not in owned and ptr not in seen:
+                seen.add(ptr)
+                out["tensors"] += obj.untyped_storage().nbytes()
+        elif isinstance(obj, np.ndarray) and obj.base is None:
+            out["numpy"] += obj.nbytes
+        elif isinstance(obj, bytes) and len(obj) > 65536:
+            out["bytes_over_64k"] += len(obj)
+        elif type(obj).__name__ == "Message" and type(obj).__module__.startswith("flwr"):
+            out["messages"] += 1
+    return out
+
+
 def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim: bool = False,
           checkpointing: bool = False) -> None:
     phases = Phases(trim)
@@ -181,9 +207,16 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
     quiet_libraries()
     cfg = load_config(config, overrides)
     if loss == "full":
-        train.token_nll = _full_logits_token_nll()
-        if hasattr(evaluate, "token_nll"):
-            evaluate.token_nll = train.token_nll
+        full = _full_logits_token_nll()
+
+        def response_loss(model: Any, batch: dict[str, Any], autocast: Callable, **_: Any) -> Any:
+            nll, mask = full(model, batch, autocast)
+            return nll.sum(), int(mask.sum())
+
+        train.token_nll, train.response_loss = full, response_loss
+        for module in (evaluate, sys.modules.get("fedsdr.choice")):
+            if module is not None and hasattr(module, "token_nll"):
+                module.token_nll = full
     phases.wrap(evaluate, "reference_losses", "eval:loss")
     for name in ("generate", "generate_detailed"):
         phases.wrap(generation, name, "eval:generate")
@@ -233,6 +266,7 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
         "phase_counts": phases.counts,
         "phase_end": phases.end_of,
         "rss_end": _status_kb("VmRSS") * 1024,
+        "alive_end": inventory(model),
         "live_end": sum(_heap().get(k, 0) for k in ("heap_used", "mmapped")),
         "hwm_resettable": phases.can_reset,
         "param_bytes": param_bytes,
@@ -313,7 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         results[scenario] = run_child(scenario, args, env)
         r = results[scenario]
         phases = ", ".join(f"{k} {_gb(v)}" for k, v in r["phase_peaks"].items())
-        out.print(f"  {scenario}: peak {_gb(r['peak_rss'])} GiB ({phases}), {r['seconds']:.0f} s")
+        alive = ", ".join(f"{k} {v / 2**20:.0f} MiB" if k != "messages" else f"{v} messages"
+                          for k, v in r["alive_end"].items())
+        out.print(f"  {scenario}: peak {_gb(r['peak_rss'])} GiB ({phases}), {r['seconds']:.0f} s; "
+                  f"alive at the end: {alive}")
 
     what_if = [*args.env, *(["trim"] if args.trim else []), *(["checkpointing"] if args.checkpointing else [])]
     table = Table(title=f"peak RSS per run ({args.config}, loss={args.loss}"

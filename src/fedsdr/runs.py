@@ -187,6 +187,12 @@ class RunDir:
     def client(self, client_id: int) -> ClientDir:
         return ClientDir.under(self.clients, client_id)
 
+    def client_dirs(self) -> list[ClientDir]:
+        """Every client folder of the run, by client id."""
+        found = [(int(p.name.rsplit("-", 1)[1]), p) for p in self.clients.glob("client-*")
+                 if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
+        return [ClientDir(p) for _, p in sorted(found)]
+
 
 def write_server_state(folder: Path, state: dict[str, Any]) -> None:
     """A strategy's state as JSON (scalars, and the layout of its arrays) + safetensors (arrays:

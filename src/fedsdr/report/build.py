@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fedsdr.report.html as page_html
+import fedsdr.report.plots as plots
 from fedsdr.io import write_json_atomic, write_text_atomic
-from fedsdr.report import html as page_html
-from fedsdr.report import plots
 from fedsdr.report.claims import _rewrite_runs, claims_markdown, decide_claims, methods_of
 from fedsdr.report.collect import Collection, load_collection, method_results, paired_table
 from fedsdr.report.tables import results_markdown

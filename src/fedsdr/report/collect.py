@@ -137,21 +137,18 @@ class Run:
     def rewrites(self, source_round: int = 0) -> list[dict[str, Any]]:
         """Every client's distilled rows rewritten by the model of `source_round` (0: the base model)."""
         rows: list[dict[str, Any]] = []
-        clients = RunDir(self.root).clients
-        for folder in sorted(clients.glob("client-*"), key=lambda p: (len(p.name), p.name)):
-            path = folder / "distill" / f"round-{source_round:03d}.jsonl"
-            rows.extend({**r, "client": folder.name} for r in read_jsonl(path))
+        for client in RunDir(self.root).client_dirs():
+            rows.extend({**r, "client": client.root.name} for r in read_jsonl(client.distilled_set(source_round)))
         return rows
 
     def rewrite_diagnostics(self, source_round: int = 0) -> dict[str, dict[str, Any]]:
         """Client -> its FedSD diagnostics (the file beside its distilled set, else summary.json's)."""
         out: dict[str, dict[str, Any]] = {}
-        clients = RunDir(self.root).clients
-        for folder in sorted(clients.glob("client-*"), key=lambda p: (len(p.name), p.name)):
-            path = folder / "distill" / f"round-{source_round:03d}.diagnostics.json"
+        for client in RunDir(self.root).client_dirs():
+            path = client.distill_diagnostics(source_round)
             if path.exists():
                 try:
-                    out[folder.name] = json.loads(path.read_text(encoding="utf-8"))
+                    out[client.root.name] = json.loads(path.read_text(encoding="utf-8"))
                 except ValueError:
                     pass
         return out or dict((self.summary or {}).get("distill") or {})
