@@ -65,7 +65,24 @@ def machine() -> dict[str, Any]:
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_native_bf16": cpu_bf16()["native"],
     }
+
+
+def cpu_bf16() -> dict[str, bool]:
+    """The CPU's native-bf16 flags (what `lscpu` shows: avx512_bf16, amx_bf16); without
+    them bf16 matmuls are emulated and fedsdr computes in fp32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        text = ""
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    found = {name: name in flags for name in ("avx512_bf16", "amx_bf16")}
+    return {**found, "native": any(found.values())}
 
 
 @contextmanager

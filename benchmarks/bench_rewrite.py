@@ -1,39 +1,78 @@
-"""FedSD rewriting throughput: the batched engine vs one `generate` call per record.
+"""FedSD rewriting throughput: the engine against the best library paths and a one-record loop.
 
-What it measures (both in one process, on the same model and the same N records):
+What it measures (all in one process, on the same model and the same N records, greedy, each
+record with its own token budget `distill.budget(tokens of the reference)`, the same stop ids
+-- the tokenizer's eos and every end-of-turn id of the model's generation config -- the base
+model with adapters disabled, under the runtime's autocast, as a FedSD client rewrites before
+round 1):
 
-- engine: `fedsdr.distill.rewrite_records` with the config's distill settings, exactly as a
-  FedSD client calls it before round 1 (base model, adapters disabled, under the runtime's
-  autocast): prompts built by `build_rewrite_messages`, sorted by length, left-padded,
-  `distill.batch_size` per `generate` call, each output cut back to its own token budget.
-- loop: the plain way -- for each record, the same chat prompt, the same token budget
-  (`distill.budget(tokens of the reference)`), one `model.generate` call at batch 1, greedy,
-  same dtype and autocast, adapters disabled.
+- engine: `fedsdr.distill.rewrite_records` with the config's distill settings (the batched
+  generation engine `fedsdr.generation`: length-sorted, left-padded, KV cache, rows leave
+  the batch at their stop or budget and waiting prompts take their slots).
+- bucketed: `model.generate` with length-bucketed batches: prompts sorted by length, batches
+  of `distill.batch_size` (or `--batch-size`), left padding; each batch decodes up to its
+  largest budget, each row is then cut back to its own budget.
+- continuous: transformers' own continuous batching, the manager behind `generate_batch`,
+  with one request per record so each keeps its own budget and the stop ids (`generate_batch`
+  itself takes one budget for all), at most the batch size in flight, its cache sized for
+  them (left to itself it sizes the cache from free memory: on a CPU, most of the RAM). Its paged cache takes the weights' dtype and its model
+  runs in a background thread, outside autocast: where the runtime computes in bf16 over fp32
+  weights, it runs on a copy of the base model in bf16. When the installed transformers has no
+  `transformers.generation.continuous_batching`, the row says "not available in
+  transformers X.Y".
+- loop: one `model.generate` call per record at batch 1.
 
-Generated tokens are counted the same way for both: the new tokens of each record up to and
-including its first eos, cut at its budget (pad/eos filler of finished rows is not counted).
-tokens/s of the engine uses the time spent generating (`GenerationStats.seconds`: prompt
-rendering, tokenisation, generate, decoding -- what the loop's time also covers); the wall time
-of the whole `rewrite_records` call (plus filters and task scorers, which may run code tests)
-is shown too. "identical" is the fraction of records whose rewrite text is the same from both;
-greedy decoding should mostly agree (bf16 batched vs unbatched arithmetic can flip a
-near-tie, after which the texts diverge). Sampling in the config is switched off: greedy only.
+Generated tokens are counted the same way for every path: the new tokens of each record up
+to and including its first stop id, cut at its budget (filler after a row finished is not
+counted). tokens/s uses the time spent generating: prompt rendering, tokenisation,
+generation, decoding (for the engine `GenerationStats.seconds`; the wall time of the whole
+`rewrite_records` call, which adds filters and task scorers, is shown too). "same as engine"
+is the share of records whose text equals the engine's rewrite; greedy decoding should mostly
+agree (bf16 arithmetic differs slightly between batch shapes and can flip a near-tie).
 
-Read it as: speedup = engine tokens/s / loop tokens/s, on this machine at this moment.
+Targets: engine / best library path (bucketed, continuous) >= 1.3; engine / loop >= 8.
+
+Flags:
+    --config PATH       run config (default configs/quickstart.toml)
+    --set KEY=VALUE     config override, repeatable (e.g. --set distill.batch_size=8)
+    --records N         records to rewrite (default 64, about one client)
+    --batch-size B      batch of the bucketed path (default: distill.batch_size)
+    --paths LIST        comma-separated subset of engine,bucketed,continuous,loop (default all;
+                        the engine always runs: the others are compared with it)
+    --json PATH         also write every figure as JSON
 
 Usage:
     .venv/bin/python benchmarks/bench_rewrite.py [--config configs/quickstart.toml]
-        [--records 32] [--set distill.batch_size=8] [--json out.json]
+        [--records 64] [--paths engine,bucketed,continuous,loop] [--json out.json]
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import console, load, machine, parser, stopwatch, write_json  # noqa: E402
+from _common import console, cpu_bf16, load, machine, parser, stopwatch, write_json  # noqa: E402
+
+PATHS = ("engine", "bucketed", "continuous", "loop")
+
+
+@dataclass
+class PathResult:
+    """One path's outputs in record order, with what it cost."""
+
+    texts: list[str]
+    finished: list[bool]  # stopped at a stop id (not at the budget)
+    tokens: int  # new tokens, per record up to and including its first stop id
+    seconds: float
+    calls: int  # generate calls (batches); requests for the continuous path
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 def pick_records(cfg: Any, n: int) -> list[Any]:
@@ -50,74 +89,192 @@ def pick_records(cfg: Any, n: int) -> list[Any]:
     return records[:n]
 
 
-def loop_generate(
-    model: Any, tokenizer: Any, records: list[Any], dcfg: Any
-) -> tuple[list[str], list[int], list[bool], float]:
-    """One greedy `generate` per record. Returns (texts, new tokens, finished, seconds)."""
-    import torch
-
+def prompts_and_budgets(tokenizer: Any, records: list[Any], dcfg: Any) -> tuple[list[list[int]], list[int]]:
+    """The engine's prompt ids (chat template, generation prompt) and per-record budgets."""
     from fedsdr.distill import build_rewrite_messages
 
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    texts, counts, finished = [], [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with stopwatch() as elapsed, torch.inference_mode():
-            refs = tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]
-            for record, ref in zip(records, refs, strict=True):
-                budget = dcfg.budget(len(ref))
-                prompt = tokenizer.apply_chat_template(
-                    build_rewrite_messages(record, dcfg.template),
-                    add_generation_prompt=True,
-                    tokenize=False,
-                )
-                enc = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-                out = model.generate(
-                    input_ids=enc["input_ids"],
-                    attention_mask=enc["attention_mask"],
-                    max_new_tokens=budget,
-                    do_sample=False,
-                    eos_token_id=eos_id,
-                    pad_token_id=pad_id,
-                    use_cache=True,
-                )
-                row = out[0, enc["input_ids"].shape[1] :].tolist()[:budget]
-                if eos_id in row:
-                    end = row.index(eos_id)
-                    text_ids, count, done = row[:end], end + 1, True
-                else:
-                    text_ids, count, done = row, len(row), False
-                texts.append(tokenizer.decode(text_ids, skip_special_tokens=True).strip())
-                counts.append(count)
-                finished.append(done)
-        seconds = elapsed()
-    finally:
-        model.train(was_training)
-    return texts, counts, finished, seconds
+    texts = [
+        tokenizer.apply_chat_template(
+            build_rewrite_messages(r, dcfg.template), add_generation_prompt=True, tokenize=False
+        )
+        for r in records
+    ]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    refs = tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]
+    return ids, [dcfg.budget(len(x)) for x in refs]
 
 
-def run_engine(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed: int) -> dict:
+def finish(tokenizer: Any, row: list[int], budget: int, stops: frozenset[int]) -> tuple[str, int, bool]:
+    """Cut a generated row at its budget and first stop id: (text, tokens counted, finished)."""
+    row = row[:budget]
+    end = next((j for j, t in enumerate(row) if t in stops), None)
+    kept, count = (row, len(row)) if end is None else (row[:end], end + 1)
+    return tokenizer.decode(kept, skip_special_tokens=True).strip(), count, end is not None
+
+
+def run_engine(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed: int) -> tuple[PathResult, Any, float]:
+    """The engine as FedSD calls it. Returns (result, the distilled rows, whole-call wall time)."""
     from fedsdr.distill import rewrite_records
     from fedsdr.generation import GenerationStats
 
     stats = GenerationStats()
     with stopwatch() as elapsed:
         rows = rewrite_records(model, tokenizer, records, dcfg, seed=seed, stats=stats)
-    return {"rows": rows, "stats": stats, "wall": elapsed()}
+    result = PathResult([r.rewrite for r in rows], [not r.truncated for r in rows], stats.new_tokens,
+                        stats.seconds, stats.calls)
+    return result, rows, elapsed()
+
+
+def run_bucketed(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, batch_size: int,
+                 stops: frozenset[int]) -> PathResult:
+    """`model.generate` on length-bucketed, left-padded batches."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
+    n = len(records)
+    texts, counts, finished = [""] * n, [0] * n, [False] * n
+    calls = 0
+    with stopwatch() as elapsed, torch.inference_mode():
+        ids, budgets = prompts_and_budgets(tokenizer, records, dcfg)
+        order = sorted(range(n), key=lambda i: len(ids[i]))
+        for start in range(0, n, batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(ids[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, i in enumerate(rows):  # left padding
+                input_ids[j, width - len(ids[i]):] = torch.tensor(ids[i])
+                mask[j, width - len(ids[i]):] = 1
+            out = model.generate(
+                input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+                max_new_tokens=max(budgets[i] for i in rows), do_sample=False,
+                eos_token_id=sorted(stops), pad_token_id=pad_id, use_cache=True,
+            )
+            calls += 1
+            for j, i in enumerate(rows):
+                texts[i], counts[i], finished[i] = finish(
+                    tokenizer, out[j, width:].tolist(), budgets[i], stops
+                )
+    return PathResult(texts, finished, sum(counts), elapsed(), calls)
+
+
+def continuous_available() -> str | None:
+    """None when transformers has continuous batching, else why not."""
+    import transformers
+
+    if importlib.util.find_spec("transformers.generation.continuous_batching") is None:
+        major_minor = ".".join(transformers.__version__.split(".")[:2])
+        return f"not available in transformers {major_minor}"
+    return None
+
+
+def continuous_model(model: Any, runtime: Any) -> Any:
+    """The base model for continuous batching. Its paged KV cache takes the weights' dtype and
+    its model runs in a background thread, outside the caller's autocast: where the runtime
+    computes in another dtype than its weights (bf16 autocast over fp32 weights), a copy of
+    the base model in the compute dtype. Call it with the adapters disabled (the copy keeps
+    them disabled)."""
+    import copy
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if runtime.compute_dtype == base.dtype:
+        return base
+    return copy.deepcopy(base).to(runtime.compute_dtype)
+
+
+def run_continuous(base: Any, tokenizer: Any, records: list[Any], dcfg: Any, batch_size: int,
+                   stops: frozenset[int]) -> PathResult:
+    """transformers' continuous batching: the `generate_batch` manager, one request per record,
+    at most `batch_size` requests in flight. Its cache is sized for them: left to itself it
+    sizes the cache (and the attention masks over it) from the free memory, which on a CPU is
+    most of the machine's RAM."""
+    from math import ceil
+
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    n = len(records)
+    texts, counts, finished = [""] * n, [0] * n, [False] * n
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
+    with stopwatch() as elapsed:
+        ids, budgets = prompts_and_budgets(tokenizer, records, dcfg)
+        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max(budgets),
+                                   eos_token_id=sorted(stops), pad_token_id=pad_id)
+        longest = max(len(x) for x in ids)
+        hints = WorkloadHints(max_prompt_length=longest, max_generated_length=max(budgets),
+                              num_requests=n)
+        cb_cfg = ContinuousBatchingConfig()
+        in_flight = min(n, batch_size)
+        cb_cfg.max_requests_per_batch = in_flight
+        cb_cfg.num_blocks = in_flight * (ceil((longest + max(budgets)) / cb_cfg.page_size) + 1)
+        cb_cfg.max_batch_tokens = min(8192, in_flight * longest)
+        with base.continuous_batching_context_manager(
+            generation_config=gen_cfg, continuous_batching_config=cb_cfg, block=True, timeout=5,
+            workload_hints=hints,
+        ) as manager:
+            request_of = {}
+            for i in range(n):
+                rid = manager.add_request(ids[i], request_id=f"r{i}", max_new_tokens=budgets[i],
+                                          eos_token_id=sorted(stops))
+                request_of[rid] = i
+            done = 0
+            while done < n:
+                result = manager.get_result(timeout=1)
+                if result is None:
+                    if not manager.is_running():
+                        raise RuntimeError("continuous batching stopped before every request finished")
+                    continue
+                if result.is_finished():
+                    if result.error is not None:
+                        raise RuntimeError(f"continuous batching: {result.error}")
+                    i = request_of[result.request_id]
+                    texts[i], counts[i], finished[i] = finish(
+                        tokenizer, list(result.generated_tokens), budgets[i], stops
+                    )
+                    done += 1
+    return PathResult(texts, finished, sum(counts), elapsed(), n)
+
+
+def run_loop(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, stops: frozenset[int]) -> PathResult:
+    """One greedy `model.generate` per record, batch 1."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
+    texts, counts, finished = [], [], []
+    with stopwatch() as elapsed, torch.inference_mode():
+        ids, budgets = prompts_and_budgets(tokenizer, records, dcfg)
+        for prompt, budget in zip(ids, budgets, strict=True):
+            input_ids = torch.tensor([prompt], device=model.device)
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 max_new_tokens=budget, do_sample=False, eos_token_id=sorted(stops),
+                                 pad_token_id=pad_id, use_cache=True)
+            text, count, done = finish(tokenizer, out[0, len(prompt):].tolist(), budget, stops)
+            texts.append(text)
+            counts.append(count)
+            finished.append(done)
+    return PathResult(texts, finished, sum(counts), elapsed(), len(records))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--records", type=int, default=64, help="records to rewrite (default 64, about one client)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch of the bucketed path (default distill.batch_size)")
+    p.add_argument("--paths", default=",".join(PATHS),
+                   help=f"comma-separated subset of {','.join(PATHS)} (default all)")
     args = p.parse_args(argv)
+    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        raise SystemExit(f"--paths: unknown {unknown}; choose from {', '.join(PATHS)}")
     cfg = load(args)
 
     import torch
+    import transformers
     from rich.table import Table
 
     from fedsdr.algorithms import get_algorithm
+    from fedsdr.generation import stop_token_ids
     from fedsdr.models.loading import shared_model
 
     out = console()
@@ -125,112 +282,112 @@ def main(argv: list[str] | None = None) -> int:
         dcfg = cfg.distill.model_copy(deep=True)
         sampling_was_on = dcfg.do_sample
         dcfg.do_sample = False
+        batch_size = args.batch_size or dcfg.batch_size
         with stopwatch() as load_elapsed:
             model, tokenizer, runtime, _ = shared_model(
-                cfg.model, cfg.lora, get_algorithm(cfg.federation.algorithm).adapters(cfg), cfg.seed
+                cfg.model, cfg.lora, get_algorithm(cfg).adapters(cfg), cfg.seed
             )
+        stops = stop_token_ids(model, tokenizer)
         records = pick_records(cfg, args.records)
-        refs = tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]
-        budgets = [dcfg.budget(len(x)) for x in refs]
+        _, budgets = prompts_and_budgets(tokenizer, records, dcfg)
+        unavailable = continuous_available() if "continuous" in paths else None
         out.print(
             f"[bold]bench_rewrite[/]: model {cfg.model.name}, {len(records)} records, "
-            f"budgets {min(budgets)}-{max(budgets)} (sum {sum(budgets)}), "
-            f"engine batch {dcfg.batch_size}, compute {runtime.compute_dtype}, "
-            f"threads {torch.get_num_threads()}, load {load_elapsed():.1f} s"
+            f"budgets {min(budgets)}-{max(budgets)} (sum {sum(budgets)}), batch {batch_size}, "
+            f"stop ids {sorted(stops)}, compute {runtime.compute_dtype} (CPU native bf16: "
+            f"{'yes' if cpu_bf16()['native'] else 'no'}), threads {torch.get_num_threads()}, "
+            f"transformers {transformers.__version__}, load {load_elapsed():.1f} s"
             + (" [yellow](config samples: greedy forced)[/]" if sampling_was_on else "")
         )
 
-        with runtime.autocast(), model.disable_adapter():  # what a FedSD client does in round 0
-            with stopwatch() as warm_elapsed:
-                warm = dcfg.model_copy(update={"min_new_tokens": 1, "max_new_tokens": 4})
-                run_engine(model, tokenizer, records[:2], warm, cfg.seed)
-                loop_generate(model, tokenizer, records[:1], warm)
-            out.print(f"warm-up {warm_elapsed():.1f} s")
-            engine = run_engine(model, tokenizer, records, dcfg, cfg.seed)
-            stats = engine["stats"]
-            out.print(
-                f"  engine: {stats.new_tokens} tokens in {stats.seconds:.1f} s "
-                f"({stats.calls} generate calls)"
-            )
-            texts, counts, finished, loop_seconds = loop_generate(model, tokenizer, records, dcfg)
-            out.print(f"  loop: {sum(counts)} tokens in {loop_seconds:.1f} s")
+        def run(path: str, recs: list[Any], d: Any) -> Any:
+            if path == "engine":
+                return run_engine(model, tokenizer, recs, d, cfg.seed)
+            if path == "bucketed":
+                return run_bucketed(model, tokenizer, recs, d, batch_size, stops)
+            if path == "continuous":
+                return run_continuous(cb_model, tokenizer, recs, d, batch_size, stops)
+            return run_loop(model, tokenizer, recs, d, stops)
 
-    rows = engine["rows"]
-    same = [r.rewrite == t for r, t in zip(rows, texts, strict=True)]
-    engine_tps = stats.new_tokens / stats.seconds
-    loop_tps = sum(counts) / loop_seconds
-    by_domain: dict[str, list[bool]] = {}
-    for r, s in zip(rows, same, strict=True):
-        by_domain.setdefault(r.domain, []).append(s)
+        active = ["engine"] + [x for x in PATHS[1:] if x in paths and not (x == "continuous" and unavailable)]
+        results: dict[str, Any] = {}
+        was_training = model.training
+        model.eval()
+        try:
+            with runtime.autocast(), model.disable_adapter():  # what a FedSD client does in round 0
+                cb_model = continuous_model(model, runtime) if "continuous" in active else None
+                with stopwatch() as warm_elapsed:
+                    warm = dcfg.model_copy(update={"min_new_tokens": 1, "max_new_tokens": 4})
+                    for path in active:
+                        run(path, records[:2], warm)
+                out.print(f"warm-up {warm_elapsed():.1f} s")
+                for path in active:
+                    results[path] = run(path, records, dcfg)
+                    r = results[path][0] if path == "engine" else results[path]
+                    out.print(f"  {path}: {r.tokens} tokens in {r.seconds:.1f} s")
+        finally:
+            model.train(was_training)
+
+    engine, rows, engine_wall = results.pop("engine")
+    library = {k: v for k, v in results.items() if k in ("bucketed", "continuous")}
+    best = max(library, key=lambda k: library[k].tokens_per_s) if library else None
     figures: dict[str, Any] = {
         "config": args.config,
         "overrides": args.overrides,
         "model": cfg.model.name,
         "compute_dtype": str(runtime.compute_dtype),
         "machine": machine(),
+        "transformers": transformers.__version__,
         "records": len(records),
-        "engine_batch_size": dcfg.batch_size,
+        "batch_size": batch_size,
         "budgets_sum": sum(budgets),
-        "engine_new_tokens": stats.new_tokens,
-        "engine_generate_seconds": stats.seconds,
-        "engine_distill_wall_seconds": engine["wall"],
-        "engine_generate_calls": stats.calls,
-        "engine_tokens_per_s": engine_tps,
-        "engine_tokens_per_s_wall": stats.new_tokens / engine["wall"],
-        "loop_new_tokens": sum(counts),
-        "loop_seconds": loop_seconds,
-        "loop_generate_calls": len(records),
-        "loop_tokens_per_s": loop_tps,
-        "speedup": engine_tps / loop_tps,
-        "identical_fraction": sum(same) / len(same),
-        "identical_by_domain": {d: sum(v) / len(v) for d, v in sorted(by_domain.items())},
-        "engine_finished": sum(not r.truncated for r in rows),
-        "loop_finished": sum(finished),
-        "different_ids": [r.id for r, s in zip(rows, same, strict=True) if not s],
-        "loop_tokens_per_record": counts,
+        "stop_ids": sorted(stops),
         "sampling_forced_off": sampling_was_on,
-        "total_seconds": total_elapsed(),
+        "continuous": (unavailable or "ran") if "continuous" in paths else "not requested",
+        "engine": {"tokens": engine.tokens, "seconds": engine.seconds, "tokens_per_s": engine.tokens_per_s,
+                   "calls": engine.calls, "finished": sum(engine.finished),
+                   "rewrite_records_wall_s": engine_wall},
     }
+    for name, r in results.items():
+        same = [a == b for a, b in zip(r.texts, engine.texts, strict=True)]
+        figures[name] = {"tokens": r.tokens, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s,
+                         "calls": r.calls, "finished": sum(r.finished),
+                         "same_as_engine": sum(same) / len(same),
+                         "engine_speedup": engine.tokens_per_s / r.tokens_per_s,
+                         "different_ids": [rec.id for rec, s in zip(records, same, strict=True) if not s]}
+    if best:
+        figures["best_library"] = best
+        figures["engine_over_best_library"] = figures[best]["engine_speedup"]
+    if "loop" in results:
+        figures["engine_over_loop"] = figures["loop"]["engine_speedup"]
+    figures["total_seconds"] = total_elapsed()
 
-    table = Table(title=f"FedSD rewriting of {len(records)} records ({runtime.compute_dtype})")
-    for col in ("", "new tokens", "seconds", "tokens/s", "generate calls", "finished (eos)"):
+    table = Table(title=f"FedSD rewriting of {len(records)} records ({runtime.compute_dtype}, greedy)")
+    for col in ("path", "new tokens", "seconds", "tokens/s", "calls", "finished (stop id)",
+                "same as engine", "engine speedup"):
         table.add_column(col, justify="right")
-    table.add_row(
-        f"engine (batch {dcfg.batch_size})",
-        str(stats.new_tokens),
-        f"{stats.seconds:.1f}",
-        f"{engine_tps:.1f}",
-        str(stats.calls),
-        str(figures["engine_finished"]),
-    )
-    table.add_row(
-        "  whole rewrite_records (+ filters)",
-        "",
-        f"{engine['wall']:.1f}",
-        f"{figures['engine_tokens_per_s_wall']:.1f}",
-        "",
-        "",
-    )
-    table.add_row(
-        "loop (batch 1)",
-        str(sum(counts)),
-        f"{loop_seconds:.1f}",
-        f"{loop_tps:.1f}",
-        str(len(records)),
-        str(sum(finished)),
-    )
-    table.add_row(
-        "[bold]speedup engine / loop[/]", "", "", f"[bold]{engine_tps / loop_tps:.2f}x[/]"
-    )
-    table.add_row(
-        "identical outputs",
-        "",
-        "",
-        f"{sum(same)}/{len(same)} ({100 * sum(same) / len(same):.0f}%)",
-    )
-    for domain, v in sorted(by_domain.items()):
-        table.add_row(f"  {domain}", "", "", f"{sum(v)}/{len(v)}")
+    table.add_row(f"engine (batch {dcfg.batch_size})", str(engine.tokens), f"{engine.seconds:.1f}",
+                  f"{engine.tokens_per_s:.1f}", str(engine.calls), str(sum(engine.finished)), "", "")
+    table.add_row("  whole rewrite_records (+ filters)", "", f"{engine_wall:.1f}",
+                  f"{engine.tokens / engine_wall:.1f}", "", "", "", "")
+    labels = {"bucketed": f"model.generate, length-bucketed (batch {batch_size})",
+              "continuous": "transformers continuous batching", "loop": "loop (batch 1)"}
+    for name, r in results.items():
+        f = figures[name]
+        table.add_row(labels[name], str(r.tokens), f"{r.seconds:.1f}", f"{r.tokens_per_s:.1f}",
+                      str(r.calls), str(sum(r.finished)), f"{100 * f['same_as_engine']:.0f}%",
+                      f"{f['engine_speedup']:.2f}x")
+    if unavailable:
+        table.add_row(labels["continuous"], unavailable, "", "", "", "", "", "")
     out.print(table)
+    verdict = lambda x, target: "[green]met[/]" if x >= target else "[red]not met[/]"  # noqa: E731
+    if best:
+        x = figures["engine_over_best_library"]
+        out.print(f"[bold]engine / best library path ({best})[/]: {x:.2f}x "
+                  f"({verdict(x, 1.3)}, target >= 1.3)")
+    if "loop" in results:
+        x = figures["engine_over_loop"]
+        out.print(f"[bold]engine / one-record loop[/]: {x:.2f}x ({verdict(x, 8.0)}, target >= 8)")
     out.print(
         f"total {total_elapsed():.0f} s; threads {torch.get_num_threads()}, "
         f"load avg {machine()['load_avg_1m']:.2f}"

@@ -171,3 +171,52 @@ def test_peft_model(tok) -> None:
     )
     # LoRA B starts at zero: the adapted model equals the base model.
     assert generate(peft_model, tok, PROMPTS[:6], max_new_tokens=8, batch_size=4) == base_out
+
+
+def test_stop_token_ids(tok) -> None:
+    from types import SimpleNamespace
+
+    from fedsdr.generation import stop_token_ids
+
+    eos = tok.eos_token_id
+    as_list = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[eos, 7, 9]))
+    assert stop_token_ids(as_list, tok) == {eos, 7, 9}
+    as_int = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=5))
+    assert stop_token_ids(as_int, tok) == {eos, 5}
+    assert stop_token_ids(SimpleNamespace(), tok) == {eos}
+    nameless = SimpleNamespace(eos_token_id=None)
+    with pytest.raises(ValueError, match="eos"):
+        stop_token_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None)), nameless)
+
+
+def test_stops_on_every_end_of_turn_id(tok) -> None:
+    # A chat turn that ends on another token than the tokenizer's eos (as Llama 3's <|eot_id|>):
+    # the model's generation config lists both. Take the token the model emits third for one
+    # prompt and name it an end-of-turn id: generation must stop right there.
+    model = tiny_model(tok)
+    eos = tok.eos_token_id
+    prompt = PROMPTS[1]
+    enc = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    ids = tok(enc, add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        free = model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                              pad_token_id=eos)[0, ids["input_ids"].shape[1]:].tolist()
+    stop_at = next(j for j in range(1, len(free)) if free[j] not in free[:j] and free[j] != eos)
+    other = free[stop_at]
+    before = generate_detailed(model, tok, [prompt], max_new_tokens=12)[0]
+    assert before.num_tokens > stop_at + 1  # with eos alone it runs past `other`
+
+    model.generation_config.eos_token_id = [eos, other]
+    batch = [PROMPTS[0], prompt, *PROMPTS[2:8]]
+    outputs = generate_detailed(model, tok, batch, max_new_tokens=12, batch_size=4)
+    row = outputs[1]
+    assert row.finished
+    assert row.num_tokens == stop_at + 1
+    assert row.text == tok.decode(free[:stop_at], skip_special_tokens=True)
+    # the same stop as transformers' own generate with the same config
+    with torch.inference_mode():
+        lib = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=eos)
+    assert lib.shape[1] - ids["input_ids"].shape[1] == stop_at + 1
+    # eos still stops the other rows, and no row runs past either stop id
+    for g in outputs:
+        assert g.finished or g.num_tokens == 12

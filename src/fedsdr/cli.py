@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from fedsdr.config import ConfigError, RunConfig, load_config
@@ -28,6 +29,17 @@ def _out_dir(cfg: RunConfig, out: str | None, config_path: str) -> Path:
     if cfg.out_dir:
         return Path(cfg.out_dir)
     return Path("runs") / Path(config_path).stem
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Bad data (unknown scorer, a numeric answer that is no number, a code record without tests,
+    a malformed file...) or a misspelt model name stops here, before the model loads. The data
+    is cached per process, so the run does not read it again."""
+    from fedsdr.data.federated import build_federated_data
+    from fedsdr.models.resolve import check_model_name
+
+    check_model_name(cfg.model.name)
+    build_federated_data(cfg.data, cfg.partition, cfg.seed)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -43,17 +55,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = run.read_config()
         if args.set:
             raise ConfigError("--resume continues a run with its saved config; --set is not allowed")
+        check_inputs(cfg)
     else:
         cfg = load_config(args.config, args.set)
         get_algorithm(cfg)  # an unknown algorithm stops here, before anything loads
+        check_inputs(cfg)
         run = RunDir(_out_dir(cfg, args.out, args.config))
-        if run.last_checkpoint() and not args.force:
-            raise ConfigError(f"{run.root} already holds a run; pass --resume to continue it, "
-                              "--force to start over, or another --out")
-        run.write_config(cfg)
-    started = time.perf_counter()
-    with live():
-        summary = run_federation(cfg, run, resume=args.resume)
+    with run.lock():  # one fedsdr process per run folder
+        if args.resume:
+            run.verify_checkpoint()  # a corrupt checkpoint stops here, named
+        else:
+            if run.last_checkpoint() and not args.force:
+                raise ConfigError(f"{run.root} already holds a run; pass --resume to continue it, "
+                                  "--force to start over, or another --out")
+            run.clear()  # nothing of an earlier run is reused: checkpoints, client disks, metrics
+            run.write_config(cfg)
+        started = time.perf_counter()
+        with live():
+            summary = run_federation(cfg, run, resume=args.resume)
     print_outcome(cfg, summary, run.root, time.perf_counter() - started)
     return 0
 
@@ -66,6 +85,10 @@ def print_outcome(cfg: RunConfig, summary: dict, root: Path, seconds: float) -> 
         f"[bold]{cfg.name}[/]: global held-out loss {first.get('loss', float('nan')):.4f} (round 0) -> "
         f"{final.get('loss', float('nan')):.4f} (round {summary['rounds']}); {seconds:.0f} s; outputs in {root}"
     )
+    if summary.get("dp"):
+        from fedsdr.dp import describe
+
+        console.print(describe(summary))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -80,12 +103,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     configs = [load_config(path, args.set) for path in args.config]
     for cfg in configs:  # every config checked before the first run starts
         get_algorithm(cfg)
+        check_inputs(cfg)
+    runs = [RunDir(root / Path(path).stem) for path in args.config]
+    # a folder is resumed only with the config it was started with
+    refused = [f"{run.root}: {why}" for run, cfg in zip(runs, configs, strict=True)
+               if (why := run.refusal(cfg, given="in --config"))]
+    if refused:
+        raise ConfigError(f"compare cannot start or resume folders in {root}; nothing ran:\n  " + "\n  ".join(refused)
+                          + "\nUse another --out, or remove those folders to run them again.")
     summaries, folders = [], []
-    with live():
-        for path, cfg in zip(args.config, configs, strict=True):
-            run = RunDir(root / Path(path).stem)
+    with ExitStack() as locks, live():
+        for run in runs:  # every folder is this process's until the comparison ends
+            locks.enter_context(run.lock())
+        for run, cfg in zip(runs, configs, strict=True):
             resume = bool(run.last_checkpoint())
             if not resume:
+                run.clear()
                 run.write_config(cfg)
             started = time.perf_counter()
             summaries.append(run_federation(cfg, run, resume=resume))
@@ -106,6 +139,12 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from fedsdr.grid import grid_command, load_grid, run_grid
 
     grid = load_grid(args.config, args.set)  # every cell built and its algorithm checked first
+    checked: set[str] = set()
+    for cell in grid.cells:  # each distinct data config and model checked once, before any cell runs
+        key = cell.config.data.model_dump_json() + cell.config.model.name
+        if key not in checked:
+            checked.add(key)
+            check_inputs(cell.config)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     try:
         with live():
@@ -146,6 +185,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     run = RunDir(Path(args.out) if args.out else _out_dir(cfg, None, args.config))
     adapter = get_algorithm(cfg).global_adapter
+    check_inputs(cfg)
     per_client: dict[str, dict] = {}
     all_rows = []
     with live():
@@ -209,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set federation.rounds=5 (repeatable)")
     p.add_argument("--out", help="output folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete round")
-    p.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    p.add_argument("--force", action="store_true", help="start over: remove the earlier run's checkpoints, client disks and metrics in --out")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="run several configs on the same clients and print one table")

@@ -164,6 +164,26 @@ class FederationConfig(_Section):
     max_num_examples: int = Field(
         1_000_000, ge=1, description="A reply claiming more training examples than this is rejected."
     )
+    # Differential privacy of the global adapter (fedsdr.dp): Flower's clipping wrappers.
+    dp: Literal["none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"] = Field(
+        "none",
+        description="Clip each client's update to dp_clipping_norm (fixed, or adaptive: tracking a quantile "
+        "of the update norms) on the server or on the client (Flower's mod), and add Gaussian noise "
+        "(dp_noise_multiplier x norm / sampled clients) to the aggregate. See fedsdr.dp.",
+    )
+    dp_noise_multiplier: float = Field(1.0, ge=0, description="DP: noise std / clipping norm (z); 0: clip only.")
+    dp_clipping_norm: float = Field(
+        1.0, gt=0, description="DP: L2 bound on a client's update (adaptive: its initial value)."
+    )
+    dp_delta: float | None = Field(
+        None, gt=0, lt=1, description="DP: the delta epsilon is reported at (unset: min(1e-5, num_clients^-1.1))."
+    )
+    dp_target_quantile: float = Field(
+        0.5, ge=0, le=1, description="Adaptive DP: fraction of updates the clipping norm should leave unclipped."
+    )
+    dp_clipped_count_stddev: float | None = Field(
+        None, gt=0, description="Adaptive DP: noise on the clipped count (unset: sampled clients / 20, Flower's)."
+    )
 
 
 class EvalConfig(_Section):
@@ -464,10 +484,15 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     parent = data.pop("extends", "")
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must be a config file path in quotes, got {type(parent).__name__} "
+                          f"{parent!r} (e.g. extends = \"base.toml\")")
     if parent:
         parent_path = (path.parent / parent).resolve()
         if parent_path in seen:
             raise ConfigError(f"{path}: `extends` loops back to {parent_path}")
+        if not parent_path.is_file():
+            raise ConfigError(f"{path}: extends = {parent!r}: config file not found: {parent_path}")
         data = _merge(_read_toml(parent_path, (*seen, path.resolve())), data)
     return data
 
@@ -481,9 +506,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = _read_toml(Path(path))
     apply_overrides(data, overrides or [])
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_error(e, origin)) from None
+    if cfg.federation.dp != "none":
+        from fedsdr.dp import check  # DP settings against the algorithm and the client counts
+
+        check(cfg)
+    return cfg
 
 
 def config_from_json(text: str) -> RunConfig:

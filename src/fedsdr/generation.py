@@ -4,6 +4,8 @@ Prompts are rendered with the tokenizer's chat template, sorted by length (then 
 budget) so each batch holds similar lengths, left-padded, and decoded with the KV cache.
 Each batch decodes up to the largest budget it holds; every output is then cut back to
 its own budget, so batched greedy outputs equal one-at-a-time greedy outputs.
+A row stops at any end-of-turn id: the tokenizer's eos and every id the model's
+generation config names (a chat turn may end on another token than eos).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class GenerationStats:
     calls: int = 0  # model.generate calls (one per batch)
     records: int = 0  # prompts generated for
     prompt_tokens: int = 0  # real (non-pad) prompt tokens
-    new_tokens: int = 0  # generated tokens per row, up to and including the first eos
+    new_tokens: int = 0  # generated tokens per row, up to and including the first stop id
     seconds: float = 0.0  # wall time inside `generate`
 
     @property
@@ -36,11 +38,28 @@ class GenerationStats:
 
 @dataclass(frozen=True)
 class Generation:
-    """One output: decoded new text, its token count, and whether it stopped at eos."""
+    """One output: decoded new text, its token count, and whether it stopped at a stop id."""
 
     text: str
     num_tokens: int
     finished: bool
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends a turn: the tokenizer's eos and the model's generation config
+    `eos_token_id` (an int or a list). Raises ValueError when there is none."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config = getattr(model, "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    if configured is not None:
+        listed = configured if isinstance(configured, list | tuple) else [configured]
+        ids.update(int(x) for x in listed)
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model names an eos token: "
+                         "generation could not stop")
+    return frozenset(ids)
 
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Messages], **kwargs: Any) -> list[str]:
@@ -68,14 +87,13 @@ def generate_detailed(
     stats: GenerationStats | None = None,
 ) -> list[Generation]:
     """Like `generate`, but each output also says how many tokens it used and whether it
-    ended at eos (`finished=False`: it hit its token budget)."""
+    ended at a stop id (`stop_token_ids`; `finished=False`: it hit its token budget)."""
     n = len(prompts)
     budgets = _budgets(max_new_tokens, n)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise ValueError("the tokenizer has no eos_token_id: generation could not stop")
+    stop_ids = stop_token_ids(model, tokenizer)
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(stop_ids)
 
     start = time.perf_counter()
     texts = [
@@ -94,10 +112,10 @@ def generate_detailed(
         with _progress_bar(progress, n) as advance, torch.inference_mode():
 
             def done(i: int, tokens: list[int]) -> None:
-                results[i] = _finish_row(tokenizer, tokens[: budgets[i]], eos_id)
+                results[i] = _finish_row(tokenizer, tokens[: budgets[i]], stop_ids)
                 advance(1)
 
-            decoder = _Decoder(model, device, eos_id, pad_id, do_sample, temperature, top_p,
+            decoder = _Decoder(model, device, stop_ids, pad_id, do_sample, temperature, top_p,
                                torch.Generator(device=device).manual_seed(seed))
             decoder.run([(i, ids[i], budgets[i]) for i in order], batch_size, done)
             calls = decoder.prefills
@@ -129,13 +147,13 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
 
 class _Decoder:
     """Greedy/sampled decoding with a KV cache and continuous batching: a row leaves the batch
-    (and the cache) as soon as it emits eos or uses its own budget, and waiting prompts are
+    (and the cache) as soon as it emits a stop id or uses its own budget, and waiting prompts are
     prefilled into the freed slots, their cache left-padded to the batch's length. Positions
     are tracked per row, so left padding never shifts a row's positions."""
 
-    def __init__(self, model: Any, device: torch.device, eos_id: int, pad_id: int, do_sample: bool,
-                 temperature: float, top_p: float, generator: torch.Generator) -> None:
-        self.model, self.device, self.eos_id, self.pad_id = model, device, eos_id, pad_id
+    def __init__(self, model: Any, device: torch.device, stop_ids: frozenset[int], pad_id: int,
+                 do_sample: bool, temperature: float, top_p: float, generator: torch.Generator) -> None:
+        self.model, self.device, self.stop_ids, self.pad_id = model, device, stop_ids, pad_id
         self.pick = lambda logits: _pick(logits.float(), do_sample, temperature, top_p, generator)
         self.prefills = 0
 
@@ -182,7 +200,7 @@ class _Decoder:
             keep = []
             for j, ((row, budget), token) in enumerate(zip(live, tokens.tolist(), strict=True)):
                 out.setdefault(row, []).append(token)
-                if token == self.eos_id or len(out[row]) >= budget:
+                if token in self.stop_ids or len(out[row]) >= budget:
                     done(row, out.pop(row))
                 else:
                     keep.append(j)
@@ -233,10 +251,10 @@ def _trim_left(mask: torch.Tensor, cache: DynamicCache):  # noqa: ANN202
     return mask[:, start:], cache
 
 
-def _finish_row(tokenizer: Any, row: list[int], eos_id: int) -> Generation:
-    """Cut a generated row at its first eos and decode it."""
-    if eos_id in row:
-        end = row.index(eos_id)
+def _finish_row(tokenizer: Any, row: list[int], stop_ids: frozenset[int]) -> Generation:
+    """Cut a generated row at its first stop id and decode it."""
+    end = next((j for j, token in enumerate(row) if token in stop_ids), None)
+    if end is not None:
         return Generation(_decode(tokenizer, row[:end]), end + 1, True)
     return Generation(_decode(tokenizer, row), len(row), False)
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsdr.config import ConfigError, RunConfig, config_from_json, load_config
+from fedsdr.config import ConfigError, RunConfig, load_config
 
 GRID_KEYS = {"name", "base", "seeds", "config", "method"}
 METHOD_KEYS = {"algorithm", "fedsd", "name", "config"}
@@ -208,33 +208,14 @@ def cell_command(grid: GridSpec, cell: Cell, out: Path) -> str:
 
 
 # state of a cell's folder ---------------------------------------------------------------
-def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out.extend(_config_differences(x, y, f"{prefix}{key}."))
-        elif x != y:
-            out.append(f"{prefix}{key}: {x!r} in the folder, {y!r} in the grid")
-    return out
-
-
 def cell_state(cell: Cell, folder: Path) -> str:
     """"new", "finished", "partial" (resumable), or a refusal (text starting "refused")."""
     from fedsdr.runs import RunDir
 
     run = RunDir(folder)
-    path = folder / "config.json"
-    if not path.exists():
-        return "refused: the folder holds checkpoints but no config.json" if run.last_checkpoint() else "new"
-    try:
-        stored = json.loads(config_from_json(path.read_text(encoding="utf-8")).to_json())
-    except Exception as e:  # noqa: BLE001 - any unreadable config is someone else's folder
-        return f"refused: its config.json cannot be read ({type(e).__name__}: {e})"
-    wanted = json.loads(cell.config.to_json())
-    diffs = _config_differences(stored, wanted)
-    if diffs:
-        return "refused: it holds another config (" + "; ".join(diffs[:3]) + (" ..." if len(diffs) > 3 else "") + ")"
+    why = run.refusal(cell.config, given="in the grid")
+    if why:
+        return f"refused: {why}"
     rounds = cell.config.federation.rounds
     summary_path = folder / "summary.json"
     if summary_path.exists() and run.last_checkpoint() == rounds:
@@ -262,6 +243,14 @@ def write_manifest(grid: GridSpec, out: Path, command: str | None = None) -> Non
 def run_grid(grid: GridSpec, out: Path, command: str | None = None, report: bool = True) -> dict[str, str]:
     """Run every cell not finished yet (seed by seed), then write the report. Returns each cell
     folder's outcome: "skipped", "ran" or "resumed"."""
+    from fedsdr.runs import folder_lock
+
+    out = Path(out)
+    with folder_lock(out):  # one grid process per folder (each cell is locked too while it runs)
+        return _run_cells(grid, out, command, report)
+
+
+def _run_cells(grid: GridSpec, out: Path, command: str | None, report: bool) -> dict[str, str]:
     from rich.markup import escape
 
     from fedsdr.console import console
@@ -269,7 +258,6 @@ def run_grid(grid: GridSpec, out: Path, command: str | None = None, report: bool
     from fedsdr.io import write_json_atomic
     from fedsdr.runs import RunDir
 
-    out = Path(out)
     states = {c.folder: cell_state(c, out / c.folder) for c in grid.cells}
     refused = [f"{folder}: {state}" for folder, state in states.items() if state.startswith("refused")]
     if refused:
@@ -292,17 +280,19 @@ def run_grid(grid: GridSpec, out: Path, command: str | None = None, report: bool
             continue
         run = RunDir(folder)
         resume = states[cell.folder] == "partial"
-        if not resume:
-            run.write_config(cell.config)
-        console.print(f"{head}: {'resuming after round ' + str(run.last_checkpoint()) if resume else 'running'} "
-                      f"in {escape(str(folder))}")
-        t0 = time.perf_counter()
-        summary = engine.run_federation(cell.config, run, resume=resume)
-        seconds = time.perf_counter() - t0
-        timing = folder / "grid-timing.json"
-        before = json.loads(timing.read_text(encoding="utf-8")) if resume and timing.exists() else {}
-        write_json_atomic(timing, {"wall_seconds": before.get("wall_seconds", 0.0) + seconds,
-                                   "sessions": before.get("sessions", 0) + 1})
+        with run.lock():  # a `fedsdr run` on this cell's folder at the same time is refused
+            if not resume:
+                run.clear()  # a cell that never finished round 1 leaves client disks: not reused
+                run.write_config(cell.config)
+            console.print(f"{head}: {'resuming after round ' + str(run.last_checkpoint()) if resume else 'running'} "
+                          f"in {escape(str(folder))}")
+            t0 = time.perf_counter()
+            summary = engine.run_federation(cell.config, run, resume=resume)
+            seconds = time.perf_counter() - t0
+            timing = folder / "grid-timing.json"
+            before = json.loads(timing.read_text(encoding="utf-8")) if resume and timing.exists() else {}
+            write_json_atomic(timing, {"wall_seconds": before.get("wall_seconds", 0.0) + seconds,
+                                       "sessions": before.get("sessions", 0) + 1})
         ran += 1
         outcome[cell.folder] = "resumed" if resume else "ran"
         final = (summary or {}).get("final") or {}

@@ -22,6 +22,7 @@ log-likelihood in `fedsdr.choice`; their text scorer here accepts the choice's t
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import math
@@ -346,6 +347,31 @@ SCORERS: dict[str, Scorer] = {
     "humaneval": score_humaneval,
     CHOICE_SCORER: score_choice,
 }
+
+
+def record_problem(record: Record) -> tuple[str, str] | None:
+    """Why `record` cannot be scored, as (field, problem): an unknown scorer, a missing or
+    non-numeric answer, a HumanEval record without tests...; None when it can. Loaders call it
+    so that such a record stops the run when the data loads, before the model does."""
+    if record.scorer is None or record.scorer == CHOICE_SCORER:
+        return None  # open-ended, or checked by Record itself
+    if record.scorer not in SCORERS:
+        close = difflib.get_close_matches(record.scorer.lower(), SCORERS, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return "scorer", f"unknown scorer {record.scorer!r} (known scorers: {', '.join(sorted(SCORERS))}){hint}"
+    if record.scorer in ("exact", "numeric") and (record.answer is None or not record.answer.strip()):
+        return "answer", f"scorer {record.scorer!r} needs an answer"
+    if record.scorer == "numeric" and parse_number(record.answer or "") is None:
+        return "answer", f"scorer 'numeric' needs a number (e.g. 42, -3.5, 1,234, 3/4), got {record.answer!r}"
+    meta = record.meta
+    if record.scorer == "humaneval":
+        missing = [k for k in ("test", "entry_point") if not isinstance(meta.get(k), str) or not meta[k].strip()]
+        if missing:
+            return "meta", (f"scorer 'humaneval' needs meta.test (the unit tests, defining check(candidate)) "
+                            f"and meta.entry_point (the function's name); missing: {', '.join(missing)}")
+    if record.scorer == "reasoning_gym" and (not meta.get("rg_task") or not isinstance(meta.get("entry"), dict)):
+        return "meta", "scorer 'reasoning_gym' needs meta.rg_task (a dataset name) and meta.entry (an object)"
+    return None
 
 
 def _scorer(record: Record) -> Scorer:

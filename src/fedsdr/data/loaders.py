@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from fedsdr.data.schema import CHOICE_SCORER, DataError, Record
+from fedsdr.scoring import record_problem
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -55,6 +57,8 @@ def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _rows_json(path: Path) -> Iterator[tuple[str, Any]]:
     text = _read_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: no records (the file is empty)")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -70,10 +74,27 @@ def _rows_json(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}: record {i}", row
 
 
+# Python's csv refuses fields over 131072 characters by default; a long document or program
+# in one cell is legitimate. The largest limit the platform's C long holds (2**31 - 1 on Windows).
+_CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
 def _rows_csv(path: Path) -> Iterator[tuple[str, Any]]:
     reader = csv.DictReader(_read_text(path).splitlines(keepends=True))
-    for row in reader:
-        yield f"{path}:{reader.line_num}", row
+    previous = csv.field_size_limit(_CSV_FIELD_LIMIT)  # process-wide: restored after reading
+    try:
+        rows = []
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise DataError(f"{path}:{reader.line_num}: invalid CSV: {e}") from None
+            rows.append((f"{path}:{reader.line_num}", row))
+    finally:
+        csv.field_size_limit(previous)
+    yield from rows
 
 
 def _rows_parquet(path: Path) -> Iterator[tuple[str, Any]]:
@@ -143,6 +164,21 @@ def _choices(where: str, row: Mapping[str, Any], column: str) -> tuple[str, ...]
     return tuple(out)
 
 
+def _meta(where: str, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The record's extras: an object, or (CSV) a cell holding a JSON object."""
+    value = row.get("meta")
+    if value is None or (isinstance(value, float) and value != value) or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: field 'meta' is not a JSON object: {e.msg}") from None
+    if not isinstance(value, Mapping):
+        raise DataError(f"{where}: field 'meta' must be an object, got {type(value).__name__}")
+    return dict(value)
+
+
 def to_record(where: str, row: Any, fields: Mapping[str, str], default_domain: str, index: int) -> Record:
     """Validate one raw row and map its columns to a `Record`."""
     if not isinstance(row, Mapping):
@@ -162,7 +198,7 @@ def to_record(where: str, row: Any, fields: Mapping[str, str], default_domain: s
     if answer and not scorer:
         scorer = "exact"
     try:
-        return Record(
+        record = Record(
             id=_text(where, row, fields["id"], "id", required=False) or f"rec-{index:06d}",
             instruction=instruction,
             input=_text(where, row, fields["input"], "input", required=False) or "",
@@ -170,11 +206,16 @@ def to_record(where: str, row: Any, fields: Mapping[str, str], default_domain: s
             domain=_text(where, row, fields["domain"], "domain", required=False) or default_domain,
             answer=answer or None,
             scorer=scorer or None,
-            meta=dict(row["meta"]) if isinstance(row.get("meta"), Mapping) else {},
+            meta=_meta(where, row),
             choices=choices,
         )
     except DataError as e:  # e.g. a multiple-choice answer that names no choice
         raise DataError(f"{where}: {e}") from None
+    problem = record_problem(record)  # a record no scorer can judge stops here, not after the model loads
+    if problem:
+        field, message = problem
+        raise DataError(f"{where}: field {fields.get(field, field)!r}: {message}")
+    return record
 
 
 def load_records(
@@ -200,7 +241,8 @@ def load_records(
         raise DataError(f"{source}: unknown format {fmt!r}; use one of {sorted(readers)}")
     records = [to_record(where, row, fields, default_domain, i) for i, (where, row) in enumerate(readers[fmt]())]
     if not records:
-        raise DataError(f"{source}: no records")
+        empty = fmt != "datasets" and Path(source).is_file() and Path(source).stat().st_size == 0
+        raise DataError(f"{source}: no records" + (" (the file is empty)" if empty else ""))
     seen: dict[str, int] = {}
     for i, r in enumerate(records):
         if r.id in seen:

@@ -9,7 +9,9 @@ pyproject.toml names them: `serverapp = "fedsdr.federation.apps:server_app"`,
   resume          true to continue from the last checkpoint in out-dir
 Each SuperNode passes its own silo in its node config:
   --node-config "partition-id=0 num-partitions=2 data-path='/data/silo.jsonl' state-dir='/var/lib/fedsdr'"
-The data file never leaves the SuperNode; only adapter tensors and numbers travel.
+The data file never leaves the SuperNode; only adapter tensors and numbers travel. A SuperNode
+keeps each run's local state (FedSDR's LoRA-S, SCAFFOLD's c_i, distilled sets) apart, in
+`state-dir/<run-id>/client-K/` (<run-id>: the server's out-dir/run-id, the same after a resume).
 """
 
 from __future__ import annotations
@@ -34,9 +36,13 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(str(run_config["fedsdr-config"]), shlex.split(str(run_config.get("set", ""))))
     run = RunDir(Path(str(run_config.get("out-dir", "runs/deployment"))))
     resume = bool(run_config.get("resume", False))
-    if not resume:
-        run.write_config(cfg)
-    Server(cfg, run).run_rounds(grid, resume=resume)
+    with run.lock():  # one ServerApp per out-dir
+        if resume:
+            run.verify_checkpoint()
+        else:
+            run.clear()  # a new run reuses nothing of an earlier one (and gets a new run id)
+            run.write_config(cfg)
+        Server(cfg, run).run_rounds(grid, resume=resume)
 
 
 __all__ = ["client_app", "server_app"]

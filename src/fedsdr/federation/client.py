@@ -23,6 +23,7 @@ from fedsdr.algorithms import Algorithm, ClientSession, LocalState, get_algorith
 from fedsdr.config import RunConfig, config_from_json
 from fedsdr.console import quiet_libraries
 from fedsdr.data.federated import build_federated_data, load_silo_data, load_test_source
+from fedsdr.dp import client_dp_mod
 from fedsdr.evaluate import check_references
 from fedsdr.federation.messages import identity, pack_evaluation
 from fedsdr.models.adapters import (
@@ -34,7 +35,7 @@ from fedsdr.models.adapters import (
 )
 from fedsdr.models.cache import resolve_cache_dir
 from fedsdr.models.loading import shared_model
-from fedsdr.runs import ClientDir, append_jsonl, client_name
+from fedsdr.runs import ClientDir, append_jsonl, client_name, node_state_root, pause_for_tests
 
 client_app = ClientApp()
 logger = logging.getLogger(__name__)
@@ -71,7 +72,11 @@ def client_session(msg: Message, context: Context) -> tuple[ClientSession, Algor
     cfg: RunConfig = config_from_json(cfg_json)
     client_id = int(context.node_config.get("partition-id", 0))
     node = dict(context.node_config)
-    state_root = Path(str(node.get("state-dir") or config.get("client-state-root") or "fedsdr-client"))
+    if node.get("state-dir"):  # a deployed SuperNode: one folder per run (the server's run id)
+        run_id = str(config["run-id"]) if "run-id" in config else f"flwr-run-{context.run_id}"
+        state_root = node_state_root(Path(str(node["state-dir"])), run_id)
+    else:  # simulated clients: the run folder's clients/
+        state_root = Path(str(config.get("client-state-root") or "fedsdr-client"))
     key = (hashlib.sha256(f"{cfg_json}\n{state_root}".encode()).hexdigest(), client_id)
     if key not in _SESSIONS:
         if len(_SESSIONS) >= 64 or any(k[0] != key[0] for k in _SESSIONS):
@@ -102,7 +107,7 @@ def private_errors(handler: Callable[[Message, Context], Message]) -> Callable[[
     return wrapped
 
 
-@client_app.train()
+@client_app.train(mods=[client_dp_mod])  # federation.dp = client-*: Flower's clipping mod
 @private_errors
 def train(msg: Message, context: Context) -> Message:
     session, algorithm = client_session(msg, context)
@@ -113,6 +118,7 @@ def train(msg: Message, context: Context) -> Message:
     local_state = algorithm.load_local_state(session, _held_state(context), server_round)
     result = algorithm.train(session, global_state, server_round, config, local_state, received)
     algorithm.save_local_state(session, server_round, result.local_state)
+    pause_for_tests(f"trained:{server_round}:{session.client_id}")
     for name, state in result.local_state.items():
         context.state[name] = to_arrayrecord(state)
     metrics = identity(result.num_examples, session.client_id, **result.metrics)

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsdr import report
+from fedsdr import dp, report
 from fedsdr.algorithms import Algorithm, derive_seed, get_algorithm
 from fedsdr.config import RunConfig
 from fedsdr.console import console, task
@@ -38,8 +38,19 @@ from fedsdr.runs import RunDir, client_name, read_server_state, write_server_sta
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
-    """The strategy's mutable state (FedOpt moments, FedAvgM momentum...), for checkpoints."""
+    """The strategy's mutable state (FedOpt moments, FedAvgM momentum...; a DP wrapper's clipping
+    norm, and its wrapped strategy's state under dp.WRAPPED), for checkpoints."""
+    if (inner := dp.wrapped(strategy)) is not None:
+        return {**dp.wrapper_state(strategy), **{dp.WRAPPED + k: v for k, v in strategy_state(inner).items()}}
     return {k: v for k, v in vars(strategy).items() if not callable(v)}
+
+
+def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    """Put back what `strategy_state` saved."""
+    if (inner := dp.wrapped(strategy)) is not None:
+        restore_strategy_state(inner, {k.removeprefix(dp.WRAPPED): v for k, v in state.items() if k.startswith(dp.WRAPPED)})
+        state = {k: v for k, v in state.items() if not k.startswith(dp.WRAPPED)}
+    vars(strategy).update(state)
 
 
 class Server:
@@ -47,7 +58,7 @@ class Server:
         self.cfg = cfg
         self.run = run
         self.algorithm: Algorithm = get_algorithm(cfg)
-        self.strategy = self.algorithm.strategy(cfg)
+        self.strategy = dp.wrap(cfg, self.algorithm.strategy(cfg))  # federation.dp: Flower's DP wrapper
         self.spec = self.algorithm.adapters(cfg)[0]
         self.model, self.tokenizer, self.runtime, self.source = shared_model(
             cfg.model, cfg.lora, self.algorithm.adapters(cfg), cfg.seed
@@ -62,6 +73,7 @@ class Server:
         return ConfigRecord({
             "fedsdr-config": self.cfg.to_json(),
             "client-state-root": str(self.run.clients),
+            "run-id": self.run.run_id(),  # a deployed SuperNode keeps this run's state apart under it
             "generate": self.cfg.eval.generates_at(server_round, self.cfg.federation.rounds),
         })
 
@@ -146,6 +158,9 @@ class Server:
             rows.append({"round": server_round, "scope": "global", "kind": "rejected",
                          "reason": f"{len(accepted)} valid replies < min_train_clients; round not aggregated"})
             return arrays, client_rows + rows
+        privacy = dp.round_fields(cfg, self.strategy, server_round)  # this round's clipping norm
+        if privacy:  # Flower's DP noise draws from numpy's global generator: seeded, a run replays
+            np.random.seed(derive_seed(cfg.seed, "dp-noise", server_round))
         new_arrays, _ = self.strategy.aggregate_train(server_round, accepted)
         if new_arrays is None:
             raise RuntimeError(f"round {server_round}: aggregation produced no adapter")
@@ -155,7 +170,7 @@ class Server:
             "train_loss": float(np.average([r["train_loss"] for r in client_rows], weights=weights)),
             "clients": len(client_rows), "num_examples": int(weights.sum()),
             "bytes_up": sum(r["bytes_up"] for r in client_rows), "bytes_down": bytes_down * len(messages),
-            "seconds": max(r["seconds"] for r in client_rows),
+            "seconds": max(r["seconds"] for r in client_rows), **privacy,
         })
         return new_arrays, client_rows + rows
 
@@ -179,7 +194,7 @@ class Server:
 
     def restore(self, last_round: int) -> ArrayRecord:
         folder = self.run.checkpoint_dir(last_round)
-        vars(self.strategy).update(read_server_state(folder))
+        restore_strategy_state(self.strategy, read_server_state(folder))
         return to_arrayrecord(load_adapter_file(folder))
 
     def run_rounds(self, grid: Grid, resume: bool = False) -> dict[str, Any]:
@@ -210,6 +225,7 @@ class Server:
         summary = report.summarize(cfg, run.read_metrics())
         summary["seconds_this_session"] = time.perf_counter() - t0
         summary["scorer_self_check"] = self.self_check
+        summary.update(dp.run_summary(run.read_metrics()))
         run.write_summary(summary)
         return summary
 
