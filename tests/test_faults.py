@@ -30,8 +30,8 @@ def test_a_round_survives_a_raising_a_hanging_and_a_poisoning_client(tmp_path: P
     original = FedAvg.train
 
     def faulty(self, session, global_state, server_round, config, local_state, received):  # noqa: ANN001, ANN202
-        if session.client_id == 0:
-            raise ValueError(SECRET)
+        if session.client_id == 0:  # an error whose text quotes a training record
+            raise ValueError(f"{SECRET}: {session.data.train[0].instruction}")
         if session.client_id == 1:
             time.sleep(15)  # longer than the round timeout; then gives up without touching the model
             raise TimeoutError("gave up")
@@ -66,7 +66,11 @@ def test_a_round_survives_a_raising_a_hanging_and_a_poisoning_client(tmp_path: P
         np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-8)
     # Privacy: the error reply itself carries the exception type, not its text.
     errors = [m.error.reason for m in grid.received if m.has_error()]
-    assert errors and all(SECRET not in e for e in errors)
+    from fedsdr.data.federated import build_federated_data
+
+    texts = {t for c in build_federated_data(cfg.data, cfg.partition, cfg.seed).clients for r in c.train + c.test
+             for t in (r.instruction, r.output) if len(t) > 8}
+    assert errors and not any(t in e for e in errors for t in texts | {SECRET})
     assert SECRET not in (tmp_path / "metrics.jsonl").read_text()
 
 
