@@ -22,10 +22,12 @@ but kept by the allocator (`heap_free`) rather than live (`heap_used`, `mmapped`
 Usage:
     .venv/bin/python benchmarks/bench_memory.py [--scenarios quickstart,six,clients-4,clients-8]
         [--config configs/quickstart.toml] [--set key=value ...] [--env MALLOC_ARENA_MAX=2]
-        [--loss full] [--json out.json]
+        [--loss full] [--torch-dropout] [--keep-freed] [--json out.json]
 `--loss full` runs the children with the pre-issue-11 loss (the model's full B x T x V
-logits, copied to fp32) for a before/after comparison; `--env` sets environment variables
-for the children. Memory is not affected by other jobs on the machine (only the time is).
+logits, copied to fp32) for a before/after comparison; `--torch-dropout` with torch's own
+dropout in the LoRA layers (its fp32 noise kept for backward) instead of `train.MaskDropout`;
+`--keep-freed` without the `malloc_trim` after each client and evaluation; `--env` sets
+environment variables for the children. Memory is not affected by other jobs on the machine (only the time is).
 """
 
 from __future__ import annotations
@@ -191,7 +193,7 @@ def inventory(model: Any) -> dict[str, int]:
 
 
 def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim: bool = False,
-          checkpointing: bool = False) -> None:
+          checkpointing: bool = False, torch_dropout: bool = False, keep_freed: bool = False) -> None:
     phases = Phases(trim)
     os.environ.setdefault("FEDSDR_PROGRESS", "0")
     import fedsdr.algorithms as algorithms
@@ -236,6 +238,10 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
         first_load.setdefault("rss_after_model_load", _status_kb("VmRSS") * 1024)
         return result
 
+    if torch_dropout:  # LoRA's dropout as torch has it: the noise kept for backward in fp32
+        loading.compact_lora_dropout = lambda model: 0
+    if keep_freed:  # no malloc_trim after each client and evaluation
+        loading._LIBC = None
     if checkpointing:
         original_load = loading.load_base_model
 
@@ -276,6 +282,8 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
         "threads": torch.get_num_threads(),
         "trim": trim,
         "checkpointing": checkpointing,
+        "torch_dropout": torch_dropout,
+        "keep_freed": keep_freed,
         "compute_dtype": str(loading.resolve_runtime(cfg.model).compute_dtype),
         "seconds": seconds,
         **first_load,
@@ -292,6 +300,8 @@ def run_child(scenario: str, args: Any, env: dict[str, str]) -> dict[str, Any]:
                "--loss", args.loss, "--child-out", str(out)]
         cmd += ["--trim"] if args.trim else []
         cmd += ["--checkpointing"] if args.checkpointing else []
+        cmd += ["--torch-dropout"] if args.torch_dropout else []
+        cmd += ["--keep-freed"] if args.keep_freed else []
         for item in args.overrides:
             cmd += ["--set", item]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -317,12 +327,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="what-if: malloc_trim(0) at every phase boundary (freed heap back to the OS)")
     p.add_argument("--checkpointing", action="store_true",
                    help="what-if: gradient checkpointing of the decoder layers during training")
+    p.add_argument("--torch-dropout", action="store_true",
+                   help="what-if: LoRA's dropout as torch has it (before issue 11: its fp32 noise kept for backward)")
+    p.add_argument("--keep-freed", action="store_true",
+                   help="what-if: no malloc_trim after each client and evaluation (before issue 11)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child(args.config, [*args.overrides, *SCENARIOS[args.child]], args.loss, args.child_out,
-              trim=args.trim, checkpointing=args.checkpointing)
+              trim=args.trim, checkpointing=args.checkpointing, torch_dropout=args.torch_dropout,
+              keep_freed=args.keep_freed)
         return 0
 
     from rich.table import Table
@@ -352,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         out.print(f"  {scenario}: peak {_gb(r['peak_rss'])} GiB ({phases}), {r['seconds']:.0f} s; "
                   f"alive at the end: {alive}")
 
-    what_if = [*args.env, *(["trim"] if args.trim else []), *(["checkpointing"] if args.checkpointing else [])]
+    what_if = [*args.env, *(["trim"] if args.trim else []), *(["checkpointing"] if args.checkpointing else []),
+               *(["torch-dropout"] if args.torch_dropout else []), *(["keep-freed"] if args.keep_freed else [])]
     table = Table(title=f"peak RSS per run ({args.config}, loss={args.loss}"
                         + (f", {' '.join(what_if)}" if what_if else "") + ")")
     for col in ("scenario", "clients", "seq len", "peak RSS (GiB)", "target", "end RSS", "after load",
@@ -380,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
     figures: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "env": args.env,
                                "loss": args.loss, "trim": args.trim, "checkpointing": args.checkpointing,
+                               "torch_dropout": args.torch_dropout, "keep_freed": args.keep_freed,
                                "scenarios": results}
     if "clients-4" in results and "clients-8" in results:
         a, b = results["clients-4"], results["clients-8"]

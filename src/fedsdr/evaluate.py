@@ -202,6 +202,9 @@ def evaluate_with_predictions(
         for i, out, limit in zip(gen_idx, outputs, budgets, strict=True):
             rows[i], more = _score_one(records[i], out.text, cfg.code_timeout, cfg.answer_regex, out.finished)
             extras[i] = {"response": out.text, **more, "new_tokens": out.num_tokens, "budget": limit}
+    from fedsdr.models.loading import release_freed_memory
+
+    release_freed_memory()  # the KV caches and activations of this evaluation
     by_domain: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         by_domain[r.domain].append(i)

@@ -23,6 +23,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsdr.config import RunConfig
 from fedsdr.console import quiet_libraries, task
+from fedsdr.models.loading import release_freed_memory
 from fedsdr.runs import RunDir
 
 SERVER_NODE_ID = 1
@@ -100,6 +101,7 @@ class InProcessGrid(Grid):
                     worker = threading.Thread(target=lambda m=msg, b=box: b.append(self._call(m)), daemon=True)
                     worker.start()
                     worker.join(timeout)
+                release_freed_memory()  # one client's activations, before the next one's
                 advance(1)
                 if not box:
                     continue  # no reply in time
