@@ -125,3 +125,18 @@ def test_unvalidated_partition_id_types_do_not_raise() -> None:
     accepted, rejected = validate_replies(replies, sent, 3, cfg)
     assert accepted == [] and len(rejected) == 3
     json.dumps([r.reason for r in rejected])
+
+
+def test_an_offline_node_does_not_stall_the_run(tmp_path: Path) -> None:
+    """3 clients configured, 1 never connects: the server waits at most round_timeout for it,
+    then trains the 2 it has (min_train_clients = 2)."""
+    cfg = tiny_config("partition.num_clients=3", "partition.method=iid", "federation.min_train_clients=2",
+                      "federation.round_timeout=2", "federation.rounds=1", "eval.clients=false",
+                      "eval.generate=false")
+    grid = InProcessGrid(client_app, 2)  # the third SuperNode is offline
+    run = RunDir(tmp_path)
+    run.write_config(cfg)
+    run_inprocess(cfg, run, grid=grid)
+    trained = {r["scope"] for r in run.read_metrics() if r["kind"] == "train"}
+    assert trained == {"client-0", "client-1", "global"}
+    assert (tmp_path / "checkpoints/round-001/adapter_model.safetensors").exists()
