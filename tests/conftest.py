@@ -54,3 +54,19 @@ def assert_numbers_only(reply, domains: set[str]) -> None:  # noqa: ANN001
         if isinstance(record, MetricRecord):
             values = [x for v in record.values() for x in (v if isinstance(v, list) else [v])]
             assert all(isinstance(x, int | float) for x in values)
+
+
+# Fixtures of the loopback deployment tests: a FLWR_HOME of the test's own, and the Flower
+# processes it starts, stopped at teardown.
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    from deploy_utils import flower_env
+
+    return flower_env(tmp_path)
+
+
+@pytest.fixture
+def procs(tmp_path: Path, env: dict[str, str]):  # noqa: ANN201
+    from deploy_utils import running_processes
+
+    yield from running_processes(tmp_path, env)

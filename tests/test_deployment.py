@@ -14,19 +14,15 @@ import json
 import shutil
 import subprocess
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from deploy_utils import (
     BIN,
     DOMAINS,
     REPO,
     Processes,
-    flower_env,
     free_port,
     needs_flower_executables,
-    running_processes,
     wait_for_port,
     wait_run_complete,
     write_silos,
@@ -40,16 +36,6 @@ FEDERATION = "fedsdr-loopback"
 RUN_TIMEOUT_S = 150
 
 pytestmark = needs_flower_executables
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    return flower_env(tmp_path)
-
-
-@pytest.fixture
-def procs(tmp_path: Path, env: dict[str, str]) -> Iterator[Processes]:
-    yield from running_processes(tmp_path, env)
 
 
 def test_loopback_deployment(tmp_path: Path, env: dict[str, str], procs: Processes) -> None:

@@ -17,7 +17,6 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,10 +28,8 @@ from deploy_utils import (
     BIN,
     REPO,
     Processes,
-    flower_env,
     free_port,
     needs_flower_executables,
-    running_processes,
     tail,
     wait_for_port,
     wait_run_complete,
@@ -48,16 +45,6 @@ RUN_TIMEOUT_S = 120
 REFUSAL_TIMEOUT_S = 60
 
 pytestmark = needs_flower_executables
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    return flower_env(tmp_path)
-
-
-@pytest.fixture
-def procs(tmp_path: Path, env: dict[str, str]) -> Iterator[Processes]:
-    yield from running_processes(tmp_path, env)
 
 
 def _name(common_name: str) -> x509.Name:
