@@ -76,6 +76,24 @@ def test_choice_scores_do_not_depend_on_batching(tiny) -> None:
         assert (a["pred"], a["pred_norm"]) == (b["pred"], b["pred_norm"])
 
 
+def test_shared_context_equals_one_pass_per_choice(tiny) -> None:
+    # The context is encoded once and its cache repeated for the choices: same scores as
+    # running context + choice afresh for every choice.
+    from fedsdr.choice import continuation_logprobs, shared_context_logprobs
+
+    model, tok, runtime = tiny
+    groups = []
+    for record in MC:
+        prompt = tok.apply_chat_template(chat_messages(record, ""), add_generation_prompt=True, tokenize=False)
+        context = tok(prompt, add_special_tokens=False)["input_ids"]
+        groups.append((context, [tok(c, add_special_tokens=False)["input_ids"] for c in record.choices or ()]))
+    shared = shared_context_logprobs(model, groups, autocast=runtime.autocast, pad_id=tok.pad_token_id)
+    pairs = [(context, c) for context, choices in groups for c in choices]
+    flat = continuation_logprobs(model, tok, pairs, autocast=runtime.autocast, batch_size=3)
+    assert [x for row in shared for x in row] == pytest.approx(flat, abs=1e-4)
+    assert [len(row) for row in shared] == [len(r.choices or ()) for r in MC]
+
+
 def test_acc_and_acc_norm_follow_the_argmax(tiny) -> None:
     model, tok, runtime = tiny
     for record, found in zip(MC, choice_scores(model, tok, MC, autocast=runtime.autocast), strict=True):

@@ -220,3 +220,35 @@ def test_stops_on_every_end_of_turn_id(tok) -> None:
     # eos still stops the other rows, and no row runs past either stop id
     for g in outputs:
         assert g.finished or g.num_tokens == 12
+
+
+def test_loop_detector_needs_a_mostly_repeated_window() -> None:
+    from fedsdr.generation import LOOP_WINDOW, ends_in_loop
+
+    block = list(range(10, 22))  # 12 tokens said again and again
+    assert ends_in_loop(list(range(100, 140)) + block * 8, 0.8)
+    assert not ends_in_loop(list(range(100, 140)) + block * 3, 0.8)  # 36 repeated tokens < 0.8 x 64
+    assert not ends_in_loop(list(range(300)), 0.8)  # nothing repeats
+    assert not ends_in_loop([7] * (LOOP_WINDOW + 2), 0.8)  # window not yet full of 4-grams
+    assert ends_in_loop([7] * (LOOP_WINDOW + 4), 0.8)
+    # one 24-token line repeated with a new step number each time (a typical greedy loop)
+    steps = [t for k in range(8) for t in (200 + k, *range(1, 24))]
+    assert ends_in_loop(list(range(100, 130)) + steps, 0.8)
+
+
+def test_repeat_stop_flags_loops_and_keeps_batching_exact(model, tok) -> None:
+    budgets = [160] * len(PROMPTS)
+    plain = generate_detailed(model, tok, PROMPTS, max_new_tokens=budgets, batch_size=8)
+    stopped = generate_detailed(model, tok, PROMPTS, max_new_tokens=budgets, batch_size=8, repeat_stop=0.8)
+    single = [generate_detailed(model, tok, [p], max_new_tokens=160, repeat_stop=0.8)[0] for p in PROMPTS]
+    assert stopped == single  # a row's stop depends on that row alone
+    looped = [j for j, g in enumerate(stopped) if g.looped]
+    assert looped, "the random model should loop under greedy decoding"
+    for full, cut in zip(plain, stopped, strict=True):
+        if cut.looped:  # stopped early, a prefix of the loop it would have run to the budget
+            assert not cut.finished and cut.num_tokens < 160
+            assert full.text.startswith(cut.text)
+        else:
+            assert cut == full
+    with pytest.raises(ValueError, match="repeat_stop"):
+        generate_detailed(model, tok, PROMPTS[:1], max_new_tokens=8, repeat_stop=1.5)

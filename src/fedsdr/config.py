@@ -210,6 +210,11 @@ class EvalConfig(_Section):
         "solutions are not cut off."
     )
     max_new_tokens_limit: int = Field(512, ge=1, description="Largest token budget of a domain.")
+    repeat_stop: float = Field(
+        0.8, ge=0, le=1, description="Stop a generated answer once this share of the 4-grams of its last 64 "
+        "tokens repeat earlier ones (a greedy loop, which would only end at the budget); reported as "
+        "`looped`, apart from `truncated`. 0: off (decode to end of turn or the budget)."
+    )
     suites: list[Literal["general"]] = Field(
         default_factory=list,
         description="Held-out suites no client trains on. 'general': BIG-bench's CRASS and BBH source tasks "

@@ -28,7 +28,7 @@ from fedsdr.io import write_text_atomic
 from fedsdr.train import chat_messages, collate, encode, token_nll
 
 # Rates (0/1 per record): binomial standard errors.
-RATE_METRICS = ("accuracy", "accuracy_flexible", "hallucination", "stated", "acc_norm", "truncated")
+RATE_METRICS = ("accuracy", "accuracy_flexible", "hallucination", "stated", "acc_norm", "truncated", "looped")
 # Means of per-record figures: bootstrap standard errors.
 MEAN_METRICS = ("rougeL", "gen_len", "length_ratio", "repeat4")
 METRICS = ("loss", *RATE_METRICS, *MEAN_METRICS)
@@ -84,7 +84,7 @@ def generated_subset(cfg: EvalConfig, records: Sequence[Record]) -> list[int]:
 
 
 def _score_one(record: Record, response: str, code_timeout: float, answer_regex: str,
-               finished: bool | None) -> tuple[dict[str, float], dict[str, Any]]:
+               finished: bool | None, looped: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
     """(figures, extras for the prediction row) of one generated response."""
     from fedsdr import scoring
 
@@ -94,8 +94,9 @@ def _score_one(record: Record, response: str, code_timeout: float, answer_regex:
         "length_ratio": words / max(1, scoring.word_count(record.output)),
         "repeat4": scoring.repeated_ngram_rate(response, 4),
     }
-    if finished is not None:
-        row["truncated"] = float(not finished)
+    if finished is not None:  # truncated: hit the token budget; looped: stopped repeating itself
+        row["truncated"] = float(not finished and not looped)
+        row["looped"] = float(looped)
     extras: dict[str, Any] = {}
     result = scoring.score_response(record, response, timeout=code_timeout, answer_regex=answer_regex)
     if result is not None:
@@ -112,7 +113,7 @@ def score_records(
     answer_regex: str = "", finished: Sequence[bool] | None = None,
 ) -> list[dict[str, float]]:
     """Per-record figures from generated responses (keys absent where a metric does not apply):
-    gen_len, length_ratio, repeat4, truncated (when `finished` is given), and accuracy,
+    gen_len, length_ratio, repeat4, truncated and looped (when `finished` is given), and accuracy,
     accuracy_flexible, hallucination, stated (verifiable) or rougeL (open-ended)."""
     flags: Sequence[bool | None] = finished if finished is not None else [None] * len(records)
     return [
@@ -197,10 +198,11 @@ def evaluate_with_predictions(
         with autocast():
             outputs = generate_detailed(
                 model, tokenizer, prompts, max_new_tokens=budgets, batch_size=cfg.batch_size,
-                seed=seed, progress=progress,
+                seed=seed, progress=progress, repeat_stop=cfg.repeat_stop,
             )
         for i, out, limit in zip(gen_idx, outputs, budgets, strict=True):
-            rows[i], more = _score_one(records[i], out.text, cfg.code_timeout, cfg.answer_regex, out.finished)
+            rows[i], more = _score_one(records[i], out.text, cfg.code_timeout, cfg.answer_regex, out.finished,
+                                       out.looped)
             extras[i] = {"response": out.text, **more, "new_tokens": out.num_tokens, "budget": limit}
     from fedsdr.models.loading import release_freed_memory
 
@@ -276,6 +278,12 @@ class Evaluator:
         return result, predictions
 
 
+# Settings that say when or where to evaluate, or which records (the records are in the key
+# themselves), not how a record is evaluated.
+_NOT_IN_BASE_KEY = {"clients", "every_round", "generate_every", "suites", "general_items_per_task",
+                    "general_few_shot", "general_tasks"}
+
+
 def _base_key(model_id: str, model: torch.nn.Module, records: Sequence[Record], cfg: EvalConfig, system_prompt: str,
               seed: int, generate: bool) -> str:
     """sha256 over what determines a base-model evaluation: the model (its weight files' names,
@@ -286,7 +294,7 @@ def _base_key(model_id: str, model: torch.nn.Module, records: Sequence[Record], 
     param = next(model.parameters())
     payload = {
         "version": 1, "model": model_id, "files": files, "dtype": str(param.dtype), "device": param.device.type,
-        "cfg": cfg.model_dump(mode="json"), "system_prompt": system_prompt, "seed": seed, "generate": generate,
+        "cfg": cfg.model_dump(mode="json", exclude=_NOT_IN_BASE_KEY), "system_prompt": system_prompt, "seed": seed, "generate": generate,
         "records": [r.to_json() for r in records], "torch": torch.__version__,
     }
     text = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)

@@ -34,8 +34,8 @@ ITEM_METRICS = ("accuracy", "hallucination", "loss", "rougeL", "gen_len", "lengt
                 "accuracy_flexible", "acc_norm")
 # Figures reported per method (those a run has).
 FIGURES = ("accuracy", "accuracy_flexible", "hallucination", "stated", "rougeL", "gen_len", "length_ratio",
-           "repeat4", "truncated", "loss", "perplexity", "acc_norm")
-LOWER_IS_BETTER = {"loss", "perplexity", "hallucination", "repeat4", "truncated"}
+           "repeat4", "truncated", "looped", "loss", "perplexity", "acc_norm")
+LOWER_IS_BETTER = {"loss", "perplexity", "hallucination", "repeat4", "truncated", "looped"}
 
 NAMES = {
     "fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi",
