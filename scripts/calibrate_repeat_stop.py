@@ -15,12 +15,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from fedsdr.generation import LoopDetector
-
-
-def triggers(ids: list[int], share: float) -> bool:
-    detector = LoopDetector(share)
-    return any(detector.push(t) for t in ids)
+from fedsdr.generation import loops_within
 
 
 def main() -> None:
@@ -46,9 +41,9 @@ def main() -> None:
     print(f"{len(ref_ids)} references, {cut_total} answers that hit their budget, "
           f"{len(ans_ids) - cut_total} that ended on their own")
     for share in args.share:
-        refs = sum(triggers(ids, share) for ids in ref_ids)
-        caught = sum(triggers(ids, share) for cut, ids in ans_ids if cut)
-        shortened = sum(triggers(ids, share) for cut, ids in ans_ids if not cut)
+        refs = sum(loops_within(ids, share) for ids in ref_ids)
+        caught = sum(loops_within(ids, share) for cut, ids in ans_ids if cut)
+        shortened = sum(loops_within(ids, share) for cut, ids in ans_ids if not cut)
         print(f"share {share}: references triggering {refs}, budget-hitting answers stopped {caught}/{cut_total}, "
               f"answers that ended on their own cut short {shortened}/{len(ans_ids) - cut_total}")
 

@@ -223,17 +223,17 @@ def test_stops_on_every_end_of_turn_id(tok) -> None:
 
 
 def test_loop_detector_needs_a_mostly_repeated_window() -> None:
-    from fedsdr.generation import LOOP_WINDOW, ends_in_loop
+    from fedsdr.generation import LOOP_WINDOW, loops_within
 
     block = list(range(10, 22))  # 12 tokens said again and again
-    assert ends_in_loop(list(range(100, 140)) + block * 8, 0.8)
-    assert not ends_in_loop(list(range(100, 140)) + block * 3, 0.8)  # 36 repeated tokens < 0.8 x 64
-    assert not ends_in_loop(list(range(300)), 0.8)  # nothing repeats
-    assert not ends_in_loop([7] * (LOOP_WINDOW + 2), 0.8)  # window not yet full of 4-grams
-    assert ends_in_loop([7] * (LOOP_WINDOW + 4), 0.8)
+    assert loops_within(list(range(100, 140)) + block * 8, 0.8)
+    assert not loops_within(list(range(100, 140)) + block * 3, 0.8)  # 36 repeated tokens < 0.8 x 64
+    assert not loops_within(list(range(300)), 0.8)  # nothing repeats
+    assert not loops_within([7] * (LOOP_WINDOW + 2), 0.8)  # window not yet full of 4-grams
+    assert loops_within([7] * (LOOP_WINDOW + 4), 0.8)
     # one 24-token line repeated with a new step number each time (a typical greedy loop)
     steps = [t for k in range(8) for t in (200 + k, *range(1, 24))]
-    assert ends_in_loop(list(range(100, 130)) + steps, 0.8)
+    assert loops_within(list(range(100, 130)) + steps, 0.8)
 
 
 def test_repeat_stop_flags_loops_and_keeps_batching_exact(model, tok) -> None:

@@ -113,8 +113,10 @@ def choice_scores(
     autocast: Callable, system_prompt: str = "", batch_size: int = 8,
 ) -> list[dict[str, Any]]:
     """Per multiple-choice record: `acc`, `acc_norm` (0/1), `choice_logprobs` (one per choice),
-    `pred` and `pred_norm` (the chosen indices). Every (context, choice) pair of every record is
-    scored in batches of `batch_size` pairs."""
+    `pred` and `pred_norm` (the chosen indices). A record's context is encoded once for all its
+    choices (`shared_context_logprobs`); a record whose context has a single token (no chat
+    prompt has) or an empty choice goes through `continuation_logprobs`, `batch_size` pairs at a
+    time."""
     groups: list[tuple[list[int], list[list[int]]]] = []
     for record in records:
         if not record.choices or record.choice_index is None:
