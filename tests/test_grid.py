@@ -27,7 +27,7 @@ VERDICT = re.compile(r"^\*\*Claim (\d) verdict: (held|not held|inconclusive)\*\*
 def grid_out(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Path:
     """configs/grid-smoke.toml run once through the command line."""
     out = tmp_path_factory.mktemp("grid") / "smoke"
-    assert main(["grid", "--config", str(SMOKE), "--out", str(out)]) == 0
+    assert main(["grid", "--config", str(SMOKE), "--out", str(out), "--in-process"]) == 0
     return out
 
 
@@ -121,6 +121,24 @@ def test_an_unfinished_cell_resumes_alone(grid_out: Path, tmp_path: Path, monkey
     assert calls == [(cell, True)]
     assert outcome["cells/fedavg-seed1"] == "resumed" and list(outcome.values()).count("skipped") == 15
     assert json.loads((cell / "summary.json").read_text())["rounds"] == 2
+
+
+def test_a_cell_can_run_in_a_fresh_process(grid_out: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fedsdr grid`'s default: the cell runs in a child interpreter (this process may not run
+    it), resumes from its checkpoint there and finishes as it would in-process."""
+    out = tmp_path / "copy"
+    shutil.copytree(grid_out, out)
+    cell = out / "cells" / "fedavg-seed1"
+    finished = json.loads((cell / "summary.json").read_text())
+    (cell / "summary.json").unlink()
+    shutil.rmtree(cell / "checkpoints" / "round-002")
+    calls = _forbid_runs(monkeypatch)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    outcome = run_grid(load_grid(SMOKE), out, report=False, fresh_process=True)
+    assert calls == [] and outcome["cells/fedavg-seed1"] == "resumed"
+    again = json.loads((cell / "summary.json").read_text())
+    assert again["rounds"] == 2 and again["final"]["loss"] == pytest.approx(finished["final"]["loss"], rel=1e-4)
+    assert json.loads((cell / "grid-timing.json").read_text())["sessions"] == 2
 
 
 def test_a_cell_folder_with_another_config_is_refused(grid_out: Path, tmp_path: Path,

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 from fedsdr.config import ConfigError, RunConfig, load_config
@@ -147,8 +147,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
             check_inputs(cell.config)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     try:
-        with live():
-            run_grid(grid, out, command=grid_command(), report=not args.no_report)
+        # a cell in its own process opens its own progress display
+        with live() if args.in_process else nullcontext():
+            run_grid(grid, out, command=grid_command(), report=not args.no_report,
+                     fresh_process=not args.in_process)
     except KeyboardInterrupt:
         print(f"interrupted; finished cells and completed rounds are kept: rerun the same command to resume, "
               f"or `fedsdr report {out}` for what is finished", file=sys.stderr)
@@ -262,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value in every cell, e.g. --set federation.rounds=2 (repeatable)")
     p.add_argument("--out", help="output folder (default: runs/<grid file name>); rerun to resume")
     p.add_argument("--no-report", action="store_true", help="run the cells only (fedsdr report draws it later)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every cell in this process (default: a fresh process per cell, which keeps a long "
+                        "grid as fast at its last cell as at its first)")
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("report", help="redraw results, claims, plots and report.html from finished folders")
