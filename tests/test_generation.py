@@ -236,6 +236,20 @@ def test_loop_detector_needs_a_mostly_repeated_window() -> None:
     assert loops_within(list(range(100, 130)) + steps, 0.8)
 
 
+def test_numbers_alike_catches_a_short_line_repeated_with_new_numbers(tok) -> None:
+    from fedsdr.generation import loops_within, number_token_ids
+
+    numbers = number_token_ids(tok)
+    assert tok.convert_tokens_to_ids("7") in numbers and tok.convert_tokens_to_ids("The") not in numbers
+    lines = "".join(f"{k}. The answer is {k + 1}.\n" for k in range(12, 60))
+    ids = tok("Let me count.\n" + lines, add_special_tokens=False)["input_ids"]
+    assert not loops_within(ids, 0.8)  # each line's numbers make half its 4-grams new
+    assert loops_within(ids, 0.8, numbers)
+    prose = tok("Add 3 and 4 to get 7. Then double 7 to get 14, and take away 5: 9 is left.",
+                add_special_tokens=False)["input_ids"]
+    assert not loops_within(prose, 0.8, numbers)
+
+
 def test_repeat_stop_flags_loops_and_keeps_batching_exact(model, tok) -> None:
     budgets = [160] * len(PROMPTS)
     plain = generate_detailed(model, tok, PROMPTS, max_new_tokens=budgets, batch_size=8)

@@ -215,6 +215,11 @@ class EvalConfig(_Section):
         "tokens repeat earlier ones (a greedy loop, which would only end at the budget); reported as "
         "`looped`, apart from `truncated`. 0: off (decode to end of turn or the budget)."
     )
+    repeat_stop_numbers_alike: bool = Field(
+        False, description="The loop stop counts every number as the same token, so a line said again with "
+        "new numbers ('12. The answer is 12.') is a repeat. It stops more loops, and also cuts short worked "
+        "solutions that restate one equation with other numbers."
+    )
     suites: list[Literal["general"]] = Field(
         default_factory=list,
         description="Held-out suites no client trains on. 'general': BIG-bench's CRASS and BBH source tasks "

@@ -199,6 +199,7 @@ def evaluate_with_predictions(
             outputs = generate_detailed(
                 model, tokenizer, prompts, max_new_tokens=budgets, batch_size=cfg.batch_size,
                 seed=seed, progress=progress, repeat_stop=cfg.repeat_stop,
+                numbers_alike=cfg.repeat_stop_numbers_alike,
             )
         for i, out, limit in zip(gen_idx, outputs, budgets, strict=True):
             rows[i], more = _score_one(records[i], out.text, cfg.code_timeout, cfg.answer_regex, out.finished,
