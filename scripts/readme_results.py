@@ -45,7 +45,8 @@ def scale(grid_dir: Path, manifest: dict) -> str:
     text = (f"**Scale and completeness.** {len(finished)} of {len(cells)} cells finished ({methods} methods x "
             f"{len(manifest['seeds'])} seeds), in {sum(times) / 60:.0f} min of cell wall time together "
             f"(slowest cell {max(times, default=0):.0f} s; each seed's first cell includes the base model's "
-            f"round-0 evaluation, which the others reuse). Sizes shared by every cell: {sizes}; the rest as "
+            f"round-0 evaluation and its first FedSD cell the clients' rewrites, which the others reuse). "
+            f"Sizes shared by every cell: {sizes}; the rest as "
             f"in `configs/{Path(manifest['base']).name}`. "
             + (f"Per method: {'; '.join(own)}. " if own else "")
             + "At this scale only large effects can be decided: read the "

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from rich.console import Console
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_llama import tiny_model, tiny_tokenizer
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import fedsdr.generation as generation
 from fedsdr.data.schema import Record
@@ -28,50 +27,15 @@ from fedsdr.distill import (
 )
 from fedsdr.generation import Generation, GenerationStats
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """Random Llama (hidden 64, 2 layers, 4 heads) + offline byte-level BPE, eos = pad."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    corpus = ["What is 6 times 7? The answer is 42.", "Use the reference only as a guide."]
-    bpe.train_from_iterator(corpus * 20, trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>"
-    )
-    tok.chat_template = CHATML
-    torch.manual_seed(0)
-    eos = tok.eos_token_id
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    model = LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        model.lm_head.weight[eos] *= 2.0  # some rows stop at eos, others hit the budget
-    return model, tok
+    """Random Llama (hidden 64, 2 layers, 4 heads) + offline byte-level BPE, eos = pad; some rows
+    stop at eos, others hit the budget."""
+    tok = tiny_tokenizer(["What is 6 times 7? The answer is 42.", "Use the reference only as a guide."] * 20)
+    return tiny_model(tok), tok
 
 
 MATH = Record(

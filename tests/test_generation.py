@@ -4,67 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_llama import tiny_model, tiny_tokenizer
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fedsdr.generation import GenerationStats, generate, generate_detailed
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "What is 6 times 7? The answer is 42.",
-    "Answer the instruction yourself. Use the reference answer only as a guide.",
-    "def add(a, b):\n    return a + b",
-    "Federated learning trains one model across many clients.",
-] * 20
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained offline; eos = pad = <|im_end|> (as in SmolLM2)."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(CORPUS, trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>"
-    )
-    tok.chat_template = CHATML
-    return tok
-
-
-def tiny_model(tok: PreTrainedTokenizerFast, eos_scale: float = 2.0) -> LlamaForCausalLM:
-    """Random Llama (hidden 64, 2 layers, 4 heads). Its eos logit is scaled so that some
-    rows stop at eos and others run to their budget."""
-    torch.manual_seed(0)
-    eos = tok.eos_token_id
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    model = LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        model.lm_head.weight[eos] *= eos_scale
-    return model
-
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +211,33 @@ def test_repeat_stop_flags_loops_and_keeps_batching_exact(model, tok) -> None:
             assert cut == full
     with pytest.raises(ValueError, match="repeat_stop"):
         generate_detailed(model, tok, PROMPTS[:1], max_new_tokens=8, repeat_stop=1.5)
+
+
+def test_cache_in_autocast_dtype_gives_the_same_logits(model, tok) -> None:
+    """Under CPU bf16 autocast the engine's cache keeps keys and values in bf16: attention runs
+    in bf16 there anyway, so prefill and every decode step give bit-identical logits."""
+    from transformers import DynamicCache
+
+    from fedsdr.generation import new_cache
+
+    ids = torch.tensor([tok("What is 6 times 7? The answer is", add_special_tokens=False)["input_ids"]] * 2)
+    ids[1, :3] = tok.pad_token_id
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    runs = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for cache in (DynamicCache(config=model.config), new_cache(model, torch.device("cpu"))):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            step_mask, logits = mask, [model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                             cache=cache, use_cache=True).logits[:, -1]]
+            for _ in range(4):
+                token = logits[-1].argmax(-1, keepdim=True)
+                step_mask = torch.cat([step_mask, step_mask.new_ones((2, 1))], dim=1)
+                positions = positions[:, -1:] + 1
+                logits.append(model(input_ids=token, attention_mask=step_mask, position_ids=positions,
+                                    cache=cache, use_cache=True).logits[:, -1])
+            runs.append((torch.stack(logits), cache.layers[0].keys.dtype))
+    (plain, plain_dtype), (cast, cast_dtype) = runs
+    assert plain_dtype == torch.float32 and cast_dtype == torch.bfloat16  # RoPE made the plain keys fp32
+    assert torch.equal(plain, cast)
+    assert type(new_cache(model, torch.device("cpu"))) is DynamicCache  # no autocast: the plain cache

@@ -7,18 +7,11 @@ import contextlib
 
 import pytest
 import torch
-from conftest import tiny_config
+from tiny_llama import tiny_lora_model
 
 from fedsdr.data.schema import Record
 from fedsdr.evaluate import reference_losses
-from fedsdr.models.adapters import (
-    AdapterSpec,
-    activate,
-    adapter_parameters,
-    fresh_adapter_state,
-    set_adapter_state,
-)
-from fedsdr.models.loading import shared_model
+from fedsdr.models.adapters import adapter_parameters
 from fedsdr.train import IGNORE, _decoder_and_head, collate, encode, response_loss, token_nll
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,19 +26,7 @@ def _records() -> list[Record]:
             for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS, strict=True))]
 
 
-def _model(*overrides: str):  # noqa: ANN202
-    cfg = tiny_config(*overrides)
-    specs = [AdapterSpec("default", cfg.lora.r, cfg.lora.alpha)]
-    model, tok, _, _ = shared_model(cfg.model, cfg.lora, specs, cfg.seed)
-    # non-zero LoRA B, so the adapter changes the output and receives a gradient through every path
-    state = fresh_adapter_state(model, "default", 1)
-    gen = torch.Generator().manual_seed(2)
-    for key, value in state.items():
-        if "lora_B" in key:
-            state[key] = (torch.randn(value.shape, generator=gen) * 0.05).numpy()
-    set_adapter_state(model, "default", state)
-    activate(model, ["default"], trainable=["default"])
-    return model, tok
+_model = tiny_lora_model
 
 
 def _bf16() -> contextlib.AbstractContextManager[None]:

@@ -7,17 +7,10 @@ import contextlib
 
 import pytest
 import torch
-from conftest import tiny_config
+from tiny_llama import tiny_lora_model
 
 from fedsdr.data.schema import Record
-from fedsdr.models.adapters import (
-    AdapterSpec,
-    activate,
-    adapter_parameters,
-    fresh_adapter_state,
-    set_adapter_state,
-)
-from fedsdr.models.loading import shared_model
+from fedsdr.models.adapters import adapter_parameters
 from fedsdr.train import MaskDropout, collate, encode, response_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -47,14 +40,7 @@ def _records() -> list[Record]:
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_training_with_the_compact_dropout_gives_identical_losses_and_gradients(bf16) -> None:  # noqa: ANN001
-    cfg = tiny_config("lora.dropout=0.4")
-    model, tok, _, _ = shared_model(cfg.model, cfg.lora, [AdapterSpec("default", cfg.lora.r, cfg.lora.alpha)], 0)
-    state = fresh_adapter_state(model, "default", 1)
-    for key, value in state.items():
-        if "lora_B" in key:  # non-zero B: the dropout's gradient path is exercised
-            state[key] = (torch.randn(value.shape, generator=torch.Generator().manual_seed(2)) * 0.05).numpy()
-    set_adapter_state(model, "default", state)
-    activate(model, ["default"], trainable=["default"])
+    model, tok = tiny_lora_model("lora.dropout=0.4")  # non-zero B: the dropout's gradient path is exercised
     dropouts = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
                 for d in m.lora_dropout.values()]
     assert dropouts and all(type(d) is MaskDropout for d in dropouts)
