@@ -4,8 +4,9 @@
 
 Generates the config's evaluation answers (eval.generate_per_domain per domain of the global
 held-out set) with every domain's budget set to BUDGET (without it: the config's own budgets,
-which is how the demo's round 0 runs) and the loop stop as configured, then prints per domain: truncated and looped shares, percentiles of the lengths of
-the answers that ended on their own, the tokens generated, and the seconds it took. Run alone.
+which is how the demo's round 0 runs) and the loop stop as configured, then prints per domain:
+truncated and looped shares, percentiles of the lengths of the answers that ended on their own,
+the tokens generated, and the seconds it took. Run alone.
 """
 
 from __future__ import annotations

@@ -26,11 +26,12 @@ the variant (`distill.enabled`, `distill.filters.profile`), `federation.algorith
 `fedsdr run --config BASE --set ... --out that-folder` would (grid.json lists that command per
 cell). A finished cell (summary.json for every planned round) is skipped; an interrupted one
 resumes from its last checkpoint; a folder holding another config is refused before anything
-runs. Each cell runs in a fresh Python process by default (`fresh_process`): a long grid run in
-one process slowed down cell by cell (the same cell took 101 s in a fresh process and 159 s as
-the 36th cell of one), so the process now ends with the cell. Every cell uses the same `model.cache_dir`: the base model's evaluations (round 0) are
-cached there, keyed by model, records and settings, so each seed's round 0 is computed once and
-shared by all its cells.
+runs. `fedsdr grid` runs each cell in a fresh Python process (`run_grid(fresh_process=True)`;
+`--in-process` does not): a long grid run in one process slowed down cell by cell (the same
+cell took 101 s in a fresh process and 159 s as the 36th cell of one), so the process now ends
+with the cell. Every cell uses the same `model.cache_dir`: the base model's evaluations (round
+0) are cached there, keyed by model, records and settings, so each seed's round 0 is computed
+once and shared by all its cells.
 """
 
 from __future__ import annotations
