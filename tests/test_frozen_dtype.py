@@ -16,7 +16,7 @@ from fedsdr.models.loading import (
     resolve_model_source,
     store_frozen_linears_for_autocast,
 )
-from fedsdr.train import collate, encode, response_loss
+from fedsdr.train import _decoder_and_head, collate, encode, response_loss
 
 BF16 = Runtime(device=torch.device("cpu"), dtype=torch.float32, compute_dtype=torch.bfloat16)
 
@@ -41,9 +41,17 @@ def test_bf16_frozen_linears_match_autocast_of_fp32() -> None:
                if isinstance(m, torch.nn.Linear) and ".lora_" in n)  # trainable weights stay fp32
     embeddings = cast.get_input_embeddings().weight
     assert embeddings.dtype == torch.float32
+    # The tied head gets its own copy in the compute dtype; the reference stays tied in fp32.
+    head = cast.get_base_model().get_output_embeddings().weight
+    assert head.dtype == torch.bfloat16 and head is not embeddings
+    torch.testing.assert_close(head, embeddings.to(torch.bfloat16), rtol=0, atol=0)
+    assert ref.get_base_model().get_output_embeddings().weight is ref.get_input_embeddings().weight
 
     records = build_federated_data(cfg.data, cfg.partition, cfg.seed).clients[0].train[:4]
     batch = collate([encode(tok, r) for r in records], tok.pad_token_id)
+    # The loss projects only the scored positions on both (the check of that path runs under
+    # autocast, which the bf16-stored weights need).
+    assert all(_decoder_and_head(m, batch, BF16.autocast) is not None for m in (ref, cast))
     grads = []
     for model in (ref, cast):
         model.train()

@@ -6,6 +6,7 @@ Everything a client does between receiving and sending adapter weights is plain 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -152,7 +153,7 @@ def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast
     batch = {k: v.to(device) for k, v in batch.items()}
     mask = batch["labels"][:, 1:] != IGNORE
     targets = batch["labels"][:, 1:][mask]
-    parts = _decoder_and_head(model, batch)
+    parts = _decoder_and_head(model, batch, autocast)
     with autocast():
         if parts is None:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -235,7 +236,8 @@ class _FrozenHeadNLL(torch.autograd.Function):
         return grad_hidden, None, None, None, None
 
 
-def _decoder_and_head(model: torch.nn.Module, batch: dict[str, torch.Tensor]
+def _decoder_and_head(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      autocast: Callable = contextlib.nullcontext
                       ) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """(decoder body, output embedding) when the model's logits are exactly
     `output_embedding(body(...).last_hidden_state)`, else None (then the full forward is used).
@@ -265,7 +267,7 @@ def _decoder_and_head(model: torch.nn.Module, batch: dict[str, torch.Tensor]
         return None  # logits scaled or soft-capped after the head (Gemma 2/3, Cohere, Granite...)
     verdict = base.__dict__.get("_fedsdr_hidden_positions_ok")
     if verdict is None:
-        verdict = _same_logits(model, body, head, batch)
+        verdict = _same_logits(model, body, head, batch, autocast)
         base.__dict__["_fedsdr_hidden_positions_ok"] = verdict
     return (body, head) if verdict else None
 
@@ -275,15 +277,16 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_softcapping", "logit_scal
 
 
 def _same_logits(model: torch.nn.Module, body: torch.nn.Module, head: torch.nn.Module,
-                 batch: dict[str, torch.Tensor]) -> bool:
+                 batch: dict[str, torch.Tensor], autocast: Callable) -> bool:
     """Does head(body(x).last_hidden_state) reproduce model(x).logits? (eval mode, no grad,
-    no autocast: the same operations give the same numbers; nothing draws random numbers)."""
+    under the training autocast, which frozen weights stored in its dtype need: the same
+    operations give the same numbers; nothing draws random numbers)."""
     n = min(16, batch["input_ids"].shape[1])
     ids, attn = batch["input_ids"][:1, :n], batch["attention_mask"][:1, :n]
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             ref = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
             out = body(input_ids=ids, attention_mask=attn, use_cache=False)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

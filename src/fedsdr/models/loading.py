@@ -101,18 +101,27 @@ def store_frozen_linears_for_autocast(model: torch.nn.Module, runtime: Runtime) 
     Under autocast every matmul casts its fp32 weight to bf16 on every call: a copy of the whole
     model per forward pass, and per decoding step in generation. Storing them once as bf16 gives
     the same values the cast gives (so the same results) without that copy, and halves their
-    memory. Left alone: trainable LoRA weights, embeddings and a head tied to them (their fp32
-    lookups feed the residual stream), and runtimes without autocast.
+    memory. A frozen output head tied to the input embeddings gets its own copy in that dtype
+    (the embeddings stay as they are: their fp32 lookups feed the residual stream); for
+    SmolLM2 that copy is 56 MB and saves a 113 MB cast on every decoding step. Left alone:
+    trainable weights (LoRA, a trainable head), and runtimes without autocast.
     """
     if runtime.compute_dtype in (torch.float32, runtime.dtype):  # no autocast (see Runtime.autocast)
         return 0
-    tied = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
     count = 0
     for name, module in model.named_modules():
-        if (type(module) is torch.nn.Linear and ".lora_" not in name and not name.endswith("lm_head")
-                and id(module.weight) not in tied and not module.weight.requires_grad):
-            module.to(runtime.compute_dtype)
-            count += 1
+        if type(module) is not torch.nn.Linear or ".lora_" in name or module.weight.requires_grad:
+            continue
+        if id(module.weight) in embeddings:
+            if module is not head:
+                continue
+            module.weight = torch.nn.Parameter(module.weight.detach().to(runtime.compute_dtype), requires_grad=False)
+        module.to(runtime.compute_dtype)
+        count += 1
     return count
 
 
