@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -164,6 +164,7 @@ class Server:
         new_arrays, _ = self.strategy.aggregate_train(server_round, accepted)
         if new_arrays is None:
             raise RuntimeError(f"round {server_round}: aggregation produced no adapter")
+        new_arrays = in_dtypes_of(new_arrays, arrays)
         weights = np.array([r["num_examples"] for r in client_rows], dtype=float)
         client_rows.append({
             "round": server_round, "scope": "global", "kind": "train",
@@ -236,3 +237,16 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float | None) -> None:
     deadline = time.monotonic() + (timeout or 0)
     while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
         time.sleep(1)
+
+
+def in_dtypes_of(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
+    """`new` with each array in the dtype `old` has under that key. Flower's FedOpt strategies
+    (FedAdam, FedYogi, FedAdagrad, FedAvgM) compute in float64 and return float64 arrays; the
+    adapter is float32, and every client's float32 reply would then be rejected by the dtype
+    check of the next round. The strategy keeps its own float64 state; only what is sent back
+    out, checkpointed and evaluated takes the adapter's dtype."""
+    dtypes = {k: v.numpy().dtype for k, v in old.items()}
+    if all(v.numpy().dtype == dtypes.get(k, v.numpy().dtype) for k, v in new.items()):
+        return new
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.numpy().astype(dtypes.get(k, v.numpy().dtype))))
+                        for k, v in new.items()})
