@@ -65,7 +65,8 @@ def _grads(model, loss):  # noqa: ANN001, ANN202
 @pytest.mark.parametrize("chunk", [7, 4096], ids=["chunk-7", "one-chunk"])
 def test_loss_and_lora_gradients_match_the_full_logits_path(autocast, tol, chunk) -> None:  # noqa: ANN001
     model, tok = _model()
-    assert _decoder_and_head(model, collate([encode(tok, _records()[0])], tok.pad_token_id)) is not None
+    assert _decoder_and_head(model, collate([encode(tok, _records()[0])], tok.pad_token_id),
+                             contextlib.nullcontext) is not None
     batch = _batch(tok)
     n_targets = int((batch["labels"][:, 1:] != IGNORE).sum())
     assert n_targets > 3 * 7  # several chunks of 7
@@ -142,7 +143,7 @@ def test_models_without_a_separable_head_take_the_full_forward() -> None:
 
     capped = Capped()
     batch = _batch(tok)
-    assert _decoder_and_head(capped, batch) is None
+    assert _decoder_and_head(capped, batch, contextlib.nullcontext) is None
     ref_nll, _ = _old_token_nll(capped, batch, contextlib.nullcontext)
     loss_sum, _ = response_loss(capped, batch, contextlib.nullcontext, chunk=7)
     torch.testing.assert_close(loss_sum, ref_nll.sum(), rtol=1e-5, atol=1e-5)

@@ -6,7 +6,6 @@ Everything a client does between receiving and sending adapter weights is plain 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -236,16 +235,16 @@ class _FrozenHeadNLL(torch.autograd.Function):
         return grad_hidden, None, None, None, None
 
 
-def _decoder_and_head(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                      autocast: Callable = contextlib.nullcontext
+def _decoder_and_head(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable
                       ) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """(decoder body, output embedding) when the model's logits are exactly
     `output_embedding(body(...).last_hidden_state)`, else None (then the full forward is used).
 
     Works for a PeftModel with LoRA-style adapters (the adapters sit inside the modules, so
     calling the inner body applies them) and for a plain Hugging Face causal LM. Checked once
-    per model on a few tokens of the first batch, against the model's own forward: models that
-    scale or soft-cap the logits, or wrap the forward otherwise, fall back.
+    per model on a few tokens of the first batch, against the model's own forward, under the
+    `autocast` the loss runs under (weights stored in its dtype need it): models that scale or
+    soft-cap the logits, or wrap the forward otherwise, fall back.
     """
     base = model
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):

@@ -245,8 +245,8 @@ def in_dtypes_of(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
     adapter is float32, and every client's float32 reply would then be rejected by the dtype
     check of the next round. The strategy keeps its own float64 state; only what is sent back
     out, checkpointed and evaluated takes the adapter's dtype."""
-    dtypes = {k: v.numpy().dtype for k, v in old.items()}
-    if all(v.numpy().dtype == dtypes.get(k, v.numpy().dtype) for k, v in new.items()):
+    wanted = {k: old[k].dtype for k, v in new.items() if k in old and v.dtype != old[k].dtype}
+    if not wanted:  # (Array.dtype is read from the header: nothing is deserialized to check)
         return new
-    return ArrayRecord({k: Array(np.ascontiguousarray(v.numpy().astype(dtypes.get(k, v.numpy().dtype))))
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.numpy().astype(wanted[k]))) if k in wanted else v
                         for k, v in new.items()})
