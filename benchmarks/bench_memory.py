@@ -193,7 +193,7 @@ def inventory(model: Any) -> dict[str, int]:
 
 
 def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim: bool = False,
-          checkpointing: bool = False, torch_dropout: bool = False, keep_freed: bool = False) -> None:
+          torch_dropout: bool = False, keep_freed: bool = False) -> None:
     phases = Phases(trim)
     os.environ.setdefault("FEDSDR_PROGRESS", "0")
     import fedsdr.algorithms as algorithms
@@ -242,16 +242,6 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
         loading.compact_lora_dropout = lambda model: 0
     if keep_freed:  # no malloc_trim after each client and evaluation
         loading._LIBC = None
-    if checkpointing:
-        original_load = loading.load_base_model
-
-        def load_base_model(*args: Any, **kwargs: Any) -> Any:
-            model = original_load(*args, **kwargs)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = True  # generation keeps its KV cache
-            return model
-
-        loading.load_base_model = load_base_model
     for module_name in ("fedsdr.federation.server", "fedsdr.federation.client"):
         module = sys.modules.get(module_name) or __import__(module_name, fromlist=["x"])
         module.shared_model = shared_model
@@ -281,7 +271,8 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
         "max_seq_len": cfg.model.max_seq_len,
         "threads": torch.get_num_threads(),
         "trim": trim,
-        "checkpointing": checkpointing,
+        "checkpointing": cfg.train.gradient_checkpointing,
+        "pass_tokens": cfg.train.pass_tokens,
         "torch_dropout": torch_dropout,
         "keep_freed": keep_freed,
         "compute_dtype": str(loading.resolve_runtime(cfg.model).compute_dtype),
@@ -299,7 +290,6 @@ def run_child(scenario: str, args: Any, env: dict[str, str]) -> dict[str, Any]:
         cmd = [sys.executable, __file__, "--child", scenario, "--config", args.config,
                "--loss", args.loss, "--child-out", str(out)]
         cmd += ["--trim"] if args.trim else []
-        cmd += ["--checkpointing"] if args.checkpointing else []
         cmd += ["--torch-dropout"] if args.torch_dropout else []
         cmd += ["--keep-freed"] if args.keep_freed else []
         for item in args.overrides:
@@ -325,8 +315,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="'full': the pre-issue-11 full-logits loss, for comparison")
     p.add_argument("--trim", action="store_true",
                    help="what-if: malloc_trim(0) at every phase boundary (freed heap back to the OS)")
-    p.add_argument("--checkpointing", action="store_true",
-                   help="what-if: gradient checkpointing of the decoder layers during training")
     p.add_argument("--torch-dropout", action="store_true",
                    help="what-if: LoRA's dropout as torch has it (before issue 11: its fp32 noise kept for backward)")
     p.add_argument("--keep-freed", action="store_true",
@@ -336,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.child:
         child(args.config, [*args.overrides, *SCENARIOS[args.child]], args.loss, args.child_out,
-              trim=args.trim, checkpointing=args.checkpointing, torch_dropout=args.torch_dropout,
+              trim=args.trim, torch_dropout=args.torch_dropout,
               keep_freed=args.keep_freed)
         return 0
 
@@ -367,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         out.print(f"  {scenario}: peak {_gb(r['peak_rss'])} GiB ({phases}), {r['seconds']:.0f} s; "
                   f"alive at the end: {alive}")
 
-    what_if = [*args.env, *(["trim"] if args.trim else []), *(["checkpointing"] if args.checkpointing else []),
+    what_if = [*args.overrides, *args.env, *(["trim"] if args.trim else []),
                *(["torch-dropout"] if args.torch_dropout else []), *(["keep-freed"] if args.keep_freed else [])]
     table = Table(title=f"peak RSS per run ({args.config}, loss={args.loss}"
                         + (f", {' '.join(what_if)}" if what_if else "") + ")")
@@ -395,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     out.print(phases)
 
     figures: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "env": args.env,
-                               "loss": args.loss, "trim": args.trim, "checkpointing": args.checkpointing,
+                               "loss": args.loss, "trim": args.trim,
                                "torch_dropout": args.torch_dropout, "keep_freed": args.keep_freed,
                                "scenarios": results}
     if "clients-4" in results and "clients-8" in results:

@@ -24,7 +24,7 @@ What it measures (all in one process, so the figures are ratios taken side by si
     matmuls and attention scores are left out). Achieved = 4 N x tokens / bare wall time.
     Peak = the matmul FLOP/s torch reaches here, same process, same thread count, in the
     runtime's compute dtype (bf16 on a CPU with native bf16, used through autocast), at the
-    model's own linear shapes (M = the mean padded tokens of a training batch; forward x W^T
+    model's own linear shapes (M = the mean padded tokens of a forward/backward pass; forward x W^T
     and backward g W, weighted by how often each shape occurs in the model). fp32 is shown for
     reference, and "autocast" = fp32 tensors under bf16 autocast, i.e. with the casts the model
     pays on every call. Read achieved / peak as the fraction of the machine's matmul speed the
@@ -215,9 +215,10 @@ def partition_of(grid: Any, msg: Any) -> int:
 
 
 def padded_tokens(ctx: dict[str, Any], clients: list[int], steps: int) -> tuple[int, int]:
-    """(padded tokens, micro-batches) of the round's batches, replayed from the same seeds."""
+    """(padded tokens, forward/backward passes) of the round's batches, replayed from the same
+    seeds and split into passes as training splits them (`train.pass_tokens`)."""
     from fedsdr.algorithms import derive_seed
-    from fedsdr.train import batches
+    from fedsdr.train import batches, passes
 
     cfg = ctx["cfg"]
     total = count = 0
@@ -229,9 +230,9 @@ def padded_tokens(ctx: dict[str, Any], clients: list[int], steps: int) -> tuple[
             cfg.train.length_grouping,
         )
         for _ in range(steps * cfg.train.grad_accum):
-            batch = next(stream)
-            total += len(batch) * max(len(e.input_ids) for e in batch)
-            count += 1
+            for part in passes(next(stream), cfg.train.pass_tokens):
+                total += len(part) * max(len(e.input_ids) for e in part)
+                count += 1
     return total, count
 
 
@@ -854,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         "non-pad tokens / padded tokens",
         f"{tokens} / {padded} (padding {100 * (1 - tokens / padded):.1f}%)",
     )
-    thr.add_row("matmul M (mean padded tokens per batch)", str(m))
+    thr.add_row("matmul M (mean padded tokens per pass)", str(m))
     thr.add_row("achieved (GFLOP/s, median bare wall)", f"{achieved:.1f}")
     thr.add_row("  at the fastest bare run", f"{figures['achieved_gflops_fastest_bare']:.1f}")
     thr.add_row(f"peak {server.runtime.compute_dtype} matmul (GFLOP/s)", f"{peak_compute:.1f}")

@@ -70,3 +70,29 @@ def test_bf16_frozen_linears_match_autocast_of_fp32() -> None:
         with BF16.autocast():
             texts.append([g.text for g in generate_detailed(model, tok, prompts, max_new_tokens=12)])
     assert texts[0] == texts[1]
+
+
+def test_no_tensor_keeps_the_checkpoint_file_mapped() -> None:
+    """transformers memory-maps the safetensors file; a tensor left viewing it keeps every page
+    read at load resident. After the bf16 copies, the remaining fp32 tensors are copied too."""
+    import gc
+    from pathlib import Path
+
+    from fedsdr.models.loading import copy_off_the_checkpoint
+
+    source = resolve_model_source(tiny_config().model)
+    files = [str(f) for f in Path(source).glob("*.safetensors")]
+
+    def mapped() -> bool:
+        gc.collect()
+        maps = Path("/proc/self/maps").read_text()
+        return any(f in maps for f in files)
+
+    model = load_base_model(source, BF16)
+    assert files and mapped()  # the weights view the file
+    store_frozen_linears_for_autocast(model, BF16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert mapped()  # the fp32 embeddings and norms still do
+    assert copy_off_the_checkpoint(model, BF16) > 0
+    assert not mapped()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -213,31 +213,45 @@ def test_repeat_stop_flags_loops_and_keeps_batching_exact(model, tok) -> None:
         generate_detailed(model, tok, PROMPTS[:1], max_new_tokens=8, repeat_stop=1.5)
 
 
-def test_cache_in_autocast_dtype_gives_the_same_logits(model, tok) -> None:
-    """Under CPU bf16 autocast the engine's cache keeps keys and values in bf16: attention runs
-    in bf16 there anyway, so prefill and every decode step give bit-identical logits."""
+@pytest.mark.parametrize("bf16", [True, False])
+def test_engine_cache_gives_the_same_logits_as_the_plain_cache(model, tok, bf16) -> None:  # noqa: ANN001
+    """The engine's cache appends in place into reserved room (no copy of the cache per step)
+    and, under CPU bf16 autocast, keeps keys and values in bf16, where attention runs anyway:
+    prefill and every decode step give bit-identical logits, also across a batch edit and
+    past the reserved room."""
+    import contextlib
+
     from transformers import DynamicCache
 
     from fedsdr.generation import new_cache
 
-    ids = torch.tensor([tok("What is 6 times 7? The answer is", add_special_tokens=False)["input_ids"]] * 2)
+    ids = torch.tensor([tok("What is 6 times 7? The answer is", add_special_tokens=False)["input_ids"]] * 3)
     ids[1, :3] = tok.pad_token_id
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     runs = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.inference_mode(), autocast:
         for cache in (DynamicCache(config=model.config), new_cache(model, torch.device("cpu"))):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             step_mask, logits = mask, [model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                              cache=cache, use_cache=True).logits[:, -1]]
-            for _ in range(4):
+            in_place = []
+            for step in range(90):  # past the first reserved room (64 columns ahead)
+                if step == 30:  # a row leaves the batch, as in the engine
+                    keep = torch.tensor([0, 1])
+                    cache.batch_select_indices(keep)
+                    step_mask, positions, logits = step_mask[keep], positions[keep], [x[keep] for x in logits]
                 token = logits[-1].argmax(-1, keepdim=True)
-                step_mask = torch.cat([step_mask, step_mask.new_ones((2, 1))], dim=1)
+                step_mask = torch.cat([step_mask, step_mask.new_ones((len(token), 1))], dim=1)
                 positions = positions[:, -1:] + 1
+                before = cache.layers[0].keys.data_ptr()
                 logits.append(model(input_ids=token, attention_mask=step_mask, position_ids=positions,
                                     cache=cache, use_cache=True).logits[:, -1])
-            runs.append((torch.stack(logits), cache.layers[0].keys.dtype))
-    (plain, plain_dtype), (cast, cast_dtype) = runs
-    assert plain_dtype == torch.float32 and cast_dtype == torch.bfloat16  # RoPE made the plain keys fp32
-    assert torch.equal(plain, cast)
-    assert type(new_cache(model, torch.device("cpu"))) is DynamicCache  # no autocast: the plain cache
+                in_place.append(cache.layers[0].keys.data_ptr() == before)
+            runs.append((torch.stack(logits[31:]), cache.layers[0].keys.dtype, sum(in_place)))
+    (plain, plain_dtype, plain_in_place), (engine, engine_dtype, engine_in_place) = runs
+    # under autocast RoPE made the plain keys fp32; the engine's are in the compute dtype
+    assert (plain_dtype, engine_dtype) == ((torch.float32, torch.bfloat16) if bf16 else (torch.float32,) * 2)
+    assert torch.equal(plain, engine)
+    assert plain_in_place == 0 and engine_in_place >= 85  # fresh room only now and then

@@ -99,6 +99,17 @@ class TrainConfig(_Section):
     local_steps: int = Field(5, ge=1, description="Optimizer steps per client per round.")
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    pass_tokens: int = Field(
+        1024, ge=0,
+        description="Most padded tokens (rows x longest row) in one forward/backward pass: a batch longer than "
+        "that is split, longest rows first, into passes whose gradients add up to the batch's (the same step up "
+        "to rounding and dropout draws). Bounds the activations kept for backward, the bulk of training memory. "
+        "0: each batch in one pass.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in backward instead of keeping them: "
+        "less memory, slower steps.",
+    )
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["constant", "linear", "cosine"] = Field(

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 Messages = list[dict[str, str]]
 
@@ -194,27 +195,50 @@ def generate_detailed(
     return [r for r in results if r is not None]
 
 
-class _CacheIn(DynamicCache):
-    """A DynamicCache that stores keys and values in `dtype`. Under CPU bf16 autocast, RoPE turns
-    the keys into fp32 and SDPA casts every cached key back to bf16 on every step; storing them
-    cast once gives the very same attention (the same rounding, done once) and halves the bytes
-    each step copies."""
+class _EngineCache(DynamicCache):
+    """The engine's KV cache: a DynamicCache that appends each decoding step's keys and values in
+    place, into room reserved ahead in chunks, where DynamicCache's `torch.cat` copies the whole
+    cache of every layer on every step (the cost of a step then grows with the context). With a
+    `dtype`, keys and values are stored in it: under CPU bf16 autocast, RoPE turns the keys into
+    fp32 and SDPA casts every cached key back to bf16 on every step; storing them cast once gives
+    the very same attention (the same rounding, done once) and halves the bytes each step reads.
 
-    def __init__(self, dtype: torch.dtype, **kwargs: Any) -> None:
+    Batch edits (`batch_select_indices`, the engine's merge and left trim) replace a layer's
+    tensors; the next step then reserves fresh room. Layers other than plain `DynamicLayer`
+    (sliding windows...) keep DynamicCache's own update."""
+
+    ROOM = 64  # columns reserved ahead: one copy of the cache per 64 steps instead of one per step
+
+    def __init__(self, dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.dtype = dtype
+        self._room: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return super().update(key_states.to(self.dtype), value_states.to(self.dtype), layer_idx, *args, **kwargs)
+        if self.dtype is not None:
+            key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if type(layer) is not DynamicLayer or layer.get_seq_length() == 0:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        keys, n, add = layer.keys, layer.keys.shape[-2], key_states.shape[-2]
+        room = self._room.get(layer_idx)
+        if (room is None or room[0].data_ptr() != keys.data_ptr() or room[0].stride() != keys.stride()
+                or room[0].shape[:2] != keys.shape[:2] or room[0].shape[-2] < n + add):
+            capacity = n + add + self.ROOM
+            room = tuple(t.new_empty((*t.shape[:-2], capacity, t.shape[-1])) for t in (keys, layer.values))
+            room[0][..., :n, :], room[1][..., :n, :] = keys, layer.values
+            self._room[layer_idx] = room
+        room[0][..., n:n + add, :], room[1][..., n:n + add, :] = key_states, value_states
+        layer.keys, layer.values = room[0][..., :n + add, :], room[1][..., :n + add, :]
+        return layer.keys, layer.values
 
 
 def new_cache(model: Any, device: torch.device) -> DynamicCache:
-    """An empty KV cache for `model`, in the autocast dtype when autocast is on for `device`
-    (attention then runs in that dtype anyway)."""
-    if torch.is_autocast_enabled(device.type):
-        return _CacheIn(torch.get_autocast_dtype(device.type), config=model.config)
-    return DynamicCache(config=model.config)
+    """An empty engine KV cache for `model`, in the autocast dtype when autocast is on for
+    `device` (attention then runs in that dtype anyway)."""
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    return _EngineCache(dtype, config=model.config)
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,

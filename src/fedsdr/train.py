@@ -10,6 +10,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +106,22 @@ def batches(
             rng.shuffle(chunk)
         for idx in chunk:
             yield [examples[i] for i in idx]
+
+
+def passes(batch: Sequence[Example], max_tokens: int) -> list[list[Example]]:
+    """Split a batch into forward/backward passes of at most `max_tokens` padded tokens each
+    (rows x the pass's longest row), longest rows first; a row longer than that gets a pass of
+    its own. The passes' gradients add up to the batch's. `max_tokens` 0: one pass."""
+    longest = max(len(e.input_ids) for e in batch)
+    if max_tokens <= 0 or len(batch) * longest <= max_tokens:
+        return [list(batch)]
+    ordered = sorted(batch, key=lambda e: len(e.input_ids), reverse=True)
+    out: list[list[Example]] = []
+    while ordered:
+        rows = max(1, max_tokens // len(ordered[0].input_ids))
+        out.append(ordered[:rows])
+        ordered = ordered[rows:]
+    return out
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -412,16 +429,17 @@ def _accumulate(
     model: torch.nn.Module, stream: Stream, cfg: TrainConfig, pad_id: int, autocast: Callable,
     extra_loss: Callable[[], torch.Tensor | None] | None = None,
 ) -> float:
-    """Forward/backward over `grad_accum` micro-batches; the loss is a token-level mean."""
+    """Forward/backward over `grad_accum` batches, each in passes of at most `pass_tokens`
+    padded tokens; the loss is a token-level mean over all of them."""
     micro = [next(stream.batches) for _ in range(cfg.grad_accum)]
     n_targets = sum(e.num_target_tokens for b in micro for e in b)
     total = 0.0
-    for batch in micro:
-        loss_sum, _ = response_loss(model, collate(batch, pad_id), autocast)
+    for part in (part for batch in micro for part in passes(batch, cfg.pass_tokens)):
+        loss_sum, _ = response_loss(model, collate(part, pad_id), autocast)
         loss = loss_sum / max(1, n_targets)
         total += float(loss.detach())
         loss.backward()
-        stream.stats.tokens += sum(len(e.input_ids) for e in batch)
+        stream.stats.tokens += sum(len(e.input_ids) for e in part)
     stream.stats.target_tokens += n_targets
     extra = extra_loss() if extra_loss is not None else None
     if extra is not None:
@@ -448,12 +466,13 @@ def sft_steps(
     algorithms; the stream's proximal term, if any, is FedProx's)."""
     model.train()
     start = time.perf_counter()
-    for step in range(steps):
-        loss = _accumulate(model, stream, cfg, pad_id, autocast, extra_loss=stream.proximal_loss)
-        _apply(stream.optimizer, cfg, lr_at(cfg, first_step + step, total_steps))
-        stream.stats.losses.append(loss)
-        if on_step:
-            on_step(step, loss)
+    with gradient_checkpointing(model, cfg.gradient_checkpointing):
+        for step in range(steps):
+            loss = _accumulate(model, stream, cfg, pad_id, autocast, extra_loss=stream.proximal_loss)
+            _apply(stream.optimizer, cfg, lr_at(cfg, first_step + step, total_steps))
+            stream.stats.losses.append(loss)
+            if on_step:
+                on_step(step, loss)
     stream.stats.seconds += time.perf_counter() - start
     return stream.stats
 
@@ -500,34 +519,54 @@ def dual_stream_steps(
     def step_one(stream: Stream, other: Stream, lr: float) -> float:
         return stream_step(model, stream, other, cfg, lr, pad_id=pad_id, autocast=autocast)
 
-    if schedule == "alternate":
-        for step in range(steps):
-            lr = lr_at(cfg, first_step + step, total_steps)
-            step_one(smooth, rectify, lr)
-            loss = step_one(rectify, smooth, lr)
-            if on_step:
-                on_step(step, loss)
-    elif schedule == "sequential":
-        for step in range(steps):
-            step_one(smooth, rectify, lr_at(cfg, first_step + step, total_steps))
-        for step in range(steps):
-            loss = step_one(rectify, smooth, lr_at(cfg, first_step + step, total_steps))
-            if on_step:
-                on_step(step, loss)
-    elif schedule == "joint":
-        share_optimizer(smooth, rectify, cfg, second_lr_scale=joint_lambda)
-        for step in range(steps):
-            _backward_only_into(model, smooth, rectify, cfg, pad_id=pad_id, autocast=autocast)
-            loss = _backward_only_into(model, rectify, smooth, cfg, pad_id=pad_id, autocast=autocast)
-            _apply(smooth.optimizer, cfg, lr_at(cfg, first_step + step, total_steps))
-            if on_step:
-                on_step(step, loss)
-    else:
-        raise ValueError(f"fedsdr.schedule: unknown schedule {schedule!r}")
+    with gradient_checkpointing(model, cfg.gradient_checkpointing):
+        if schedule == "alternate":
+            for step in range(steps):
+                lr = lr_at(cfg, first_step + step, total_steps)
+                step_one(smooth, rectify, lr)
+                loss = step_one(rectify, smooth, lr)
+                if on_step:
+                    on_step(step, loss)
+        elif schedule == "sequential":
+            for step in range(steps):
+                step_one(smooth, rectify, lr_at(cfg, first_step + step, total_steps))
+            for step in range(steps):
+                loss = step_one(rectify, smooth, lr_at(cfg, first_step + step, total_steps))
+                if on_step:
+                    on_step(step, loss)
+        elif schedule == "joint":
+            share_optimizer(smooth, rectify, cfg, second_lr_scale=joint_lambda)
+            for step in range(steps):
+                _backward_only_into(model, smooth, rectify, cfg, pad_id=pad_id, autocast=autocast)
+                loss = _backward_only_into(model, rectify, smooth, cfg, pad_id=pad_id, autocast=autocast)
+                _apply(smooth.optimizer, cfg, lr_at(cfg, first_step + step, total_steps))
+                if on_step:
+                    on_step(step, loss)
+        else:
+            raise ValueError(f"fedsdr.schedule: unknown schedule {schedule!r}")
     elapsed = time.perf_counter() - start
     smooth.stats.seconds += elapsed / 2
     rectify.stats.seconds += elapsed / 2
     return smooth.stats, rectify.stats
+
+
+@contextmanager
+def gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Within the block, the model's decoder layers keep only their inputs for backward and
+    recompute the rest (transformers' gradient checkpointing, non-reentrant, so the frozen
+    base needs no input gradients). Off again afterwards: evaluation keeps its KV cache."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not enabled or not getattr(base, "supports_gradient_checkpointing", False):
+        yield
+        return
+    if hasattr(base, "activation_checkpointing_enable"):  # its name since transformers 5.x
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        getattr(base, "activation_checkpointing_disable", base.gradient_checkpointing_disable)()
 
 
 class _frozen:
