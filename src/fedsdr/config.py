@@ -100,7 +100,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     pass_tokens: int = Field(
-        1024, ge=0,
+        512, ge=0,
         description="Most padded tokens (rows x longest row) in one forward/backward pass: a batch longer than "
         "that is split, longest rows first, into passes whose gradients add up to the batch's (the same step up "
         "to rounding and dropout draws). Bounds the activations kept for backward, the bulk of training memory. "

@@ -204,15 +204,15 @@ class _EngineCache(DynamicCache):
     the very same attention (the same rounding, done once) and halves the bytes each step reads.
 
     Batch edits (`batch_select_indices`, the engine's merge and left trim) replace a layer's
-    tensors; the next step then reserves fresh room. Layers other than plain `DynamicLayer`
-    (sliding windows...) keep DynamicCache's own update."""
+    tensors and let go of its room; the next step reserves fresh room. Layers other than plain
+    `DynamicLayer` (sliding windows...) keep DynamicCache's own update."""
 
     ROOM = 64  # columns reserved ahead: one copy of the cache per 64 steps instead of one per step
 
     def __init__(self, dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.dtype = dtype
-        self._room: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.room: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,16 +222,20 @@ class _EngineCache(DynamicCache):
         if type(layer) is not DynamicLayer or layer.get_seq_length() == 0:
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         keys, n, add = layer.keys, layer.keys.shape[-2], key_states.shape[-2]
-        room = self._room.get(layer_idx)
+        room = self.room.get(layer_idx)
         if (room is None or room[0].data_ptr() != keys.data_ptr() or room[0].stride() != keys.stride()
                 or room[0].shape[:2] != keys.shape[:2] or room[0].shape[-2] < n + add):
-            capacity = n + add + self.ROOM
-            room = tuple(t.new_empty((*t.shape[:-2], capacity, t.shape[-1])) for t in (keys, layer.values))
+            self.room.pop(layer_idx, None)
+            room = tuple(t.new_empty((*t.shape[:-2], n + add + self.ROOM, t.shape[-1])) for t in (keys, layer.values))
             room[0][..., :n, :], room[1][..., :n, :] = keys, layer.values
-            self._room[layer_idx] = room
+            self.room[layer_idx] = room
         room[0][..., n:n + add, :], room[1][..., n:n + add, :] = key_states, value_states
         layer.keys, layer.values = room[0][..., :n + add, :], room[1][..., :n + add, :]
         return layer.keys, layer.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.room.clear()  # each layer's old room goes as soon as its rows are copied out
+        super().batch_select_indices(indices)
 
 
 def new_cache(model: Any, device: torch.device) -> DynamicCache:
@@ -339,6 +343,8 @@ class _Decoder:
 
 def _merge(cache_a: DynamicCache, mask_a: torch.Tensor, cache_b: DynamicCache, mask_b: torch.Tensor):  # noqa: ANN202
     """Stack two caches on the batch axis, left-padding the shorter one (masked out)."""
+    for cache in (cache_a, cache_b):
+        getattr(cache, "room", {}).clear()  # each layer's old room goes once it is copied
     width = max(mask_a.shape[1], mask_b.shape[1])
 
     def pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
