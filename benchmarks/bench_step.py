@@ -9,9 +9,9 @@ setting, every setting in its own fresh child process, from the same fresh adapt
 `train.pass_tokens` from `--passes` (0: the whole batch in one pass), each also with gradient
 checkpointing when `--checkpointing` is given. Per setting it prints seconds per step and
 non-pad tokens/s (the first step, which meets new shapes, is left out when there are more),
-the peak RSS during the steps (`VmHWM` reset before them) next to the RSS before them, and
-what autograd keeps for backward in the first pass, per padded token (`saved_tensors_hooks`,
-each storage counted once). The losses of the steps are printed too: passes change only
+the peak RSS during the steps (`VmHWM` reset before them) next to the RSS before them, and,
+after them, what autograd keeps for backward in the first pass, per padded token
+(`saved_tensors_hooks`, each storage counted once; with checkpointing, the layers' inputs). The losses of the steps are printed too: passes change only
 rounding and dropout draws, not the step.
 """
 
@@ -49,7 +49,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         set_adapter_state,
     )
     from fedsdr.models.loading import release_freed_memory, shared_model
-    from fedsdr.train import collate, encode_all, make_stream, passes, response_loss, sft_steps
+    from fedsdr.train import (
+        collate,
+        encode_all,
+        gradient_checkpointing,
+        make_stream,
+        passes,
+        response_loss,
+        sft_steps,
+    )
 
     cfg = load(args)
     algorithm = get_algorithm(cfg)
@@ -63,21 +71,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     set_adapter_state(model, adapter, fresh_adapter_state(model, adapter, cfg.seed))
     activate(model, [adapter], trainable=[adapter])
 
-    # what the first pass keeps for backward
-    first = passes(batch, train.pass_tokens)[0]
-    tensors = collate(first, tok.pad_token_id)
-    storages: dict[int, int] = {}
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        loss, _ = response_loss(model, tensors, runtime.autocast)
-    del loss
-    saved_per_token = sum(storages.values()) / tensors["input_ids"].numel()
-
     release_freed_memory()
     rss_before = _status_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
@@ -89,6 +82,23 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         sft_steps(model, stream, train, steps=1, first_step=step, total_steps=args.steps,
                   pad_id=tok.pad_token_id, autocast=runtime.autocast)
         seconds.append(time.perf_counter() - start)
+    peak_rss = _status_mib("VmHWM")
+    # what the first pass keeps for backward (after the timed steps, which it would disturb)
+    first = passes(batch, train.pass_tokens)[0]
+    tensors = collate(first, tok.pad_token_id)
+    storages: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    model.train()
+    with (gradient_checkpointing(model, train.gradient_checkpointing),
+          torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t)):
+        loss, _ = response_loss(model, tensors, runtime.autocast)
+    del loss
+    saved_per_token = sum(storages.values()) / tensors["input_ids"].numel()
+
     timed = seconds[1:] or seconds
     tokens = sum(len(e.input_ids) for e in batch)
     return {
@@ -100,7 +110,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "longest": len(batch[0].input_ids),
         "seconds_per_step": sum(timed) / len(timed),
         "tokens_per_s": tokens * len(timed) / sum(timed),
-        "peak_rss_mib": _status_mib("VmHWM"),
+        "peak_rss_mib": peak_rss,
         "rss_before_mib": rss_before,
         "saved_per_token_kib": saved_per_token / 1024,
         "losses": stream.stats.losses,
