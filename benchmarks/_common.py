@@ -7,6 +7,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -103,3 +106,24 @@ def write_json(path: Path | None, figures: dict[str, Any]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def status_kb(field: str) -> int:
+    """A `/proc/self/status` figure in kB (`VmRSS`, `VmHWM`...); 0 where there is none."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def child_figures(script: str, argv: list[str], what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `script argv --child-out PATH` in a fresh Python process (so its memory figures are its
+    own) and return the JSON it wrote there; exit with its output when it fails."""
+    with tempfile.TemporaryDirectory(prefix="bench-child-") as tmp:
+        out = Path(tmp) / "figures.json"
+        proc = subprocess.run([sys.executable, script, *argv, "--child-out", str(out)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+            raise SystemExit(f"{Path(script).stem}: {what} failed (exit {proc.returncode})")
+        return json.loads(out.read_text(encoding="utf-8"))

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import console, parser, write_json  # noqa: E402
+from _common import child_figures, console, parser, status_kb, write_json  # noqa: E402
 
 GIB = 1024**3
 # The per-client comparison does not need the quickstart's 100-per-domain global test set:
@@ -69,13 +69,6 @@ TARGETS_GB = {"quickstart": 2.0, "six": 2.5}
 
 
 # --- the child: one run, phase by phase --------------------------------------------------
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 class _Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
@@ -116,8 +109,8 @@ class Phases:
         self.timeline: list[tuple[float, str, int, int]] = []
 
     def mark(self, label: str) -> None:
-        hwm = _status_kb("VmHWM") * 1024
-        rss = _status_kb("VmRSS") * 1024
+        hwm = status_kb("VmHWM") * 1024
+        rss = status_kb("VmRSS") * 1024
         ended = self.current
         if self.trim is not None:
             self.trim()
@@ -235,7 +228,7 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
 
     def shared_model(*args: Any, **kwargs: Any) -> Any:
         result = original_shared_model(*args, **kwargs)
-        first_load.setdefault("rss_after_model_load", _status_kb("VmRSS") * 1024)
+        first_load.setdefault("rss_after_model_load", status_kb("VmRSS") * 1024)
         return result
 
     if torch_dropout:  # LoRA's dropout as torch has it: the noise kept for backward in fp32
@@ -261,7 +254,7 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
         "phase_peaks": phases.peaks,
         "phase_counts": phases.counts,
         "phase_end": phases.end_of,
-        "rss_end": _status_kb("VmRSS") * 1024,
+        "rss_end": status_kb("VmRSS") * 1024,
         "alive_end": inventory(model),
         "live_end": sum(_heap().get(k, 0) for k in ("heap_used", "mmapped")),
         "hwm_resettable": phases.can_reset,
@@ -285,20 +278,13 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
 
 # --- the parent: one child per scenario, side by side ------------------------------------
 def run_child(scenario: str, args: Any, env: dict[str, str]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="bench-memory-out-") as tmp:
-        out = Path(tmp) / "figures.json"
-        cmd = [sys.executable, __file__, "--child", scenario, "--config", args.config,
-               "--loss", args.loss, "--child-out", str(out)]
-        cmd += ["--trim"] if args.trim else []
-        cmd += ["--torch-dropout"] if args.torch_dropout else []
-        cmd += ["--keep-freed"] if args.keep_freed else []
-        for item in args.overrides:
-            cmd += ["--set", item]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0 or not out.exists():
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-            raise SystemExit(f"bench_memory: child {scenario!r} failed (exit {proc.returncode})")
-        return json.loads(out.read_text(encoding="utf-8"))
+    argv = ["--child", scenario, "--config", args.config, "--loss", args.loss]
+    argv += ["--trim"] if args.trim else []
+    argv += ["--torch-dropout"] if args.torch_dropout else []
+    argv += ["--keep-freed"] if args.keep_freed else []
+    for item in args.overrides:
+        argv += ["--set", item]
+    return child_figures(__file__, argv, f"child {scenario!r}", env)
 
 
 def _gb(x: float) -> str:

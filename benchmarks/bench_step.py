@@ -19,22 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import console, load, machine, parser, write_json
-
-MIB = 2**20
-
-
-def _status_mib(key: str) -> float:
-    match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    return int(match.group(1)) / 1024 if match else float("nan")
+from _common import child_figures, console, load, machine, parser, status_kb, write_json
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,7 +61,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     activate(model, [adapter], trainable=[adapter])
 
     release_freed_memory()
-    rss_before = _status_mib("VmRSS")
+    rss_before = status_kb("VmRSS") / 1024
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
     torch.manual_seed(cfg.seed)
     stream = make_stream(batch, adapter_parameters(model, adapter), train, seed=cfg.seed)
@@ -82,7 +71,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         sft_steps(model, stream, train, steps=1, first_step=step, total_steps=args.steps,
                   pad_id=tok.pad_token_id, autocast=runtime.autocast)
         seconds.append(time.perf_counter() - start)
-    peak_rss = _status_mib("VmHWM")
+    peak_rss = status_kb("VmHWM") / 1024
     # what the first pass keeps for backward (after the timed steps, which it would disturb)
     first = passes(batch, train.pass_tokens)[0]
     tensors = collate(first, tok.pad_token_id)
@@ -136,18 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = [(int(v), ckpt) for v in args.passes.split(",") for ckpt in ((False, True) if args.checkpointing else (False,))]
     results = []
     for pass_tokens, ckpt in settings:
-        with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
-            target = Path(tmp) / "figures.json"
-            cmd = [sys.executable, __file__, "--config", args.config, "--records", str(args.records),
-                   "--steps", str(args.steps), "--child-out", str(target)]
-            for item in [*args.overrides, f"train.pass_tokens={pass_tokens}",
-                         f"train.gradient_checkpointing={str(ckpt).lower()}"]:
-                cmd += ["--set", item]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0 or not target.exists():
-                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-                raise SystemExit(f"bench_step: the child for pass_tokens={pass_tokens} failed")
-            results.append(json.loads(target.read_text(encoding="utf-8")))
+        argv = ["--config", args.config, "--records", str(args.records), "--steps", str(args.steps)]
+        for item in [*args.overrides, f"train.pass_tokens={pass_tokens}",
+                     f"train.gradient_checkpointing={str(ckpt).lower()}"]:
+            argv += ["--set", item]
+        results.append(child_figures(__file__, argv, f"the child for pass_tokens={pass_tokens}"))
     first = results[0]
     table = Table(title=f"one training step on the {first['records']} longest training records "
                         f"({first['tokens']} tokens, longest {first['longest']}; {first['compute_dtype']})")
