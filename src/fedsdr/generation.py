@@ -225,7 +225,6 @@ class _EngineCache(DynamicCache):
         room = self.room.get(layer_idx)
         if (room is None or room[0].data_ptr() != keys.data_ptr() or room[0].stride() != keys.stride()
                 or room[0].shape[:2] != keys.shape[:2] or room[0].shape[-2] < n + add):
-            self.room.pop(layer_idx, None)
             room = tuple(t.new_empty((*t.shape[:-2], n + add + self.ROOM, t.shape[-1])) for t in (keys, layer.values))
             room[0][..., :n, :], room[1][..., :n, :] = keys, layer.values
             self.room[layer_idx] = room

@@ -334,9 +334,7 @@ class MaskDropout(torch.nn.Dropout):
         p = self.p
         if not self.training or not 0.0 < p < 1.0 or self.inplace or x.device.type != "cpu":
             return super().forward(x)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _MaskDropoutFn.apply(x, p)
-        return torch.mul(x, keep_mask(x.shape, 1 - p)).mul_(1 / (1 - p))
+        return _MaskDropoutFn.apply(x, p)  # without a gradient to track, just its forward
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], keep: float) -> torch.Tensor:
