@@ -318,14 +318,14 @@ def _same_logits(model: torch.nn.Module, body: torch.nn.Module, head: torch.nn.M
 
 
 class MaskDropout(torch.nn.Dropout):
-    """Dropout for CPU training that keeps a 1-byte mask for backward and draws it 4x cheaper
-    than torch's dropout; elsewhere (eval, CUDA, in-place) `nn.Dropout` as is.
+    """Dropout for CPU training that keeps a 1-byte mask for backward and draws it with a quarter
+    of the generator calls of torch's dropout; elsewhere (eval, CUDA, in-place) `nn.Dropout` as is.
 
     On CPU, torch's dropout is `x * noise` with `noise = bernoulli(1 - p) / (1 - p)` in x's
     dtype, and autograd keeps `noise` (4 bytes per element in fp32). LoRA applies a dropout to
     the input of every adapted linear layer, so these noise tensors were ~40% of what one
-    training step kept for backward (SmolLM2, all-linear LoRA), and the Bernoulli draws a fifth
-    of the step's time. Here each element is kept when a 16-bit uniform draw falls below
+    training step kept for backward (SmolLM2, all-linear LoRA), and the Bernoulli draws a large
+    share of the step's time (a py-spy profile). Here each element is kept when a 16-bit uniform draw falls below
     (1 - p) x 65536, four draws per 64-bit word of torch's generator (`keep_mask`): the same
     distribution up to p rounded to 1/65536, seeded by `torch.manual_seed` like torch's own.
     """

@@ -196,7 +196,7 @@ def shared_model(
             _CACHE.pop(next(iter(_CACHE)))
         base = load_base_model(source, runtime)
         model = attach_adapters(base, lora, specs, seed)
-        compact_lora_dropout(model)  # a 1-byte mask for backward, drawn 4x cheaper
+        compact_lora_dropout(model)  # a 1-byte mask for backward, fewer generator calls
         store_frozen_linears_for_autocast(model, runtime)
         model.to(runtime.device)
         copy_off_the_checkpoint(model, runtime)
