@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_step.py [--records 8] [--steps 3]
         [--passes 0,512,1024] [--checkpointing] [--json step.json]
+    .venv/bin/python benchmarks/bench_step.py --config configs/quickstart-fedsdr.toml --passes 512 --frozen-dropout
 
 One batch of the config's `--records` longest training records (all clients; the bundled
 model and the quickstart by default) is trained for `--steps` optimizer steps with each
@@ -11,8 +12,14 @@ checkpointing when `--checkpointing` is given. Per setting it prints seconds per
 non-pad tokens/s (the first step, which meets new shapes, is left out when there are more),
 the peak RSS during the steps (`VmHWM` reset before them) next to the RSS before them, and,
 after them, what autograd keeps for backward in the first pass, per padded token
-(`saved_tensors_hooks`, each storage counted once; with checkpointing, the layers' inputs). The losses of the steps are printed too: passes change only
-rounding and dropout draws, not the step.
+(`saved_tensors_hooks`, each storage counted once; with checkpointing, the layers' inputs).
+The losses of the steps are printed too: passes change only rounding and dropout draws, not
+the step.
+
+With a two-adapter config (FedSDR, FedDPA) a step is the algorithm's: one pass that trains
+each adapter with the other one frozen (`train.dual_stream_steps`, both streams on the same
+batch, so twice the tokens). `--frozen-dropout` runs each setting with `fedsdr.frozen_dropout`
+off and on (the frozen adapter's LoRA dropout) and prints the speed ratio.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from fedsdr.data.federated import build_federated_data
     from fedsdr.models.adapters import (
         activate,
+        adapter_dropouts,
         adapter_parameters,
         fresh_adapter_state,
         set_adapter_state,
@@ -40,6 +48,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from fedsdr.models.loading import release_freed_memory, shared_model
     from fedsdr.train import (
         collate,
+        dual_stream_steps,
         encode_all,
         gradient_checkpointing,
         make_stream,
@@ -51,25 +60,33 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load(args)
     algorithm = get_algorithm(cfg)
     model, tok, runtime, _ = shared_model(cfg.model, cfg.lora, algorithm.adapters(cfg), cfg.seed)
-    adapter = algorithm.adapters(cfg)[0].name
+    names = [spec.name for spec in algorithm.adapters(cfg)]
     data = build_federated_data(cfg.data, cfg.partition, cfg.seed)
     examples, _ = encode_all(tok, [r for c in data.clients for r in c.train], cfg.model.max_seq_len,
                              cfg.data.system_prompt)
     batch = sorted(examples, key=lambda e: -len(e.input_ids))[: args.records]
     train = cfg.train.model_copy(update={"batch_size": len(batch), "length_grouping": False})
-    set_adapter_state(model, adapter, fresh_adapter_state(model, adapter, cfg.seed))
-    activate(model, [adapter], trainable=[adapter])
+    for name in names:
+        set_adapter_state(model, name, fresh_adapter_state(model, name, cfg.seed))
+    activate(model, names, trainable=names)
 
     release_freed_memory()
     rss_before = status_kb("VmRSS") / 1024
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
     torch.manual_seed(cfg.seed)
-    stream = make_stream(batch, adapter_parameters(model, adapter), train, seed=cfg.seed)
+    streams = [make_stream(batch, adapter_parameters(model, name), train, seed=cfg.seed,
+                           dropouts=adapter_dropouts(model, name)) for name in names]
     seconds = []
     for step in range(args.steps):
         start = time.perf_counter()
-        sft_steps(model, stream, train, steps=1, first_step=step, total_steps=args.steps,
-                  pad_id=tok.pad_token_id, autocast=runtime.autocast)
+        if len(streams) == 1:
+            sft_steps(model, streams[0], train, steps=1, first_step=step, total_steps=args.steps,
+                      pad_id=tok.pad_token_id, autocast=runtime.autocast)
+        else:  # a two-adapter algorithm's step: a pass for each adapter, the other one frozen
+            dual_stream_steps(model, streams[1], streams[0], train, schedule=cfg.fedsdr.schedule, steps=1,
+                              first_step=step, total_steps=args.steps, pad_id=tok.pad_token_id,
+                              autocast=runtime.autocast, joint_lambda=cfg.fedsdr.joint_lambda,
+                              frozen_dropout=cfg.fedsdr.frozen_dropout)
         seconds.append(time.perf_counter() - start)
     peak_rss = status_kb("VmHWM") / 1024
     # what the first pass keeps for backward (after the timed steps, which it would disturb)
@@ -89,8 +106,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     saved_per_token = sum(storages.values()) / tensors["input_ids"].numel()
 
     timed = seconds[1:] or seconds
-    tokens = sum(len(e.input_ids) for e in batch)
+    tokens = sum(len(e.input_ids) for e in batch) * len(streams)
     return {
+        "adapters": names,
+        "frozen_dropout": cfg.fedsdr.frozen_dropout if len(streams) > 1 else None,
         "pass_tokens": train.pass_tokens,
         "gradient_checkpointing": train.gradient_checkpointing,
         "passes": len(passes(batch, train.pass_tokens)),
@@ -102,7 +121,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mib": peak_rss,
         "rss_before_mib": rss_before,
         "saved_per_token_kib": saved_per_token / 1024,
-        "losses": stream.stats.losses,
+        "losses": [loss for stream in streams for loss in stream.stats.losses],
         "compute_dtype": str(runtime.compute_dtype),
     }
 
@@ -113,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--passes", default="0,512,1024", help="train.pass_tokens values, comma-separated")
     p.add_argument("--checkpointing", action="store_true", help="also each with gradient checkpointing")
+    p.add_argument("--frozen-dropout", action="store_true",
+                   help="two-adapter configs: each setting with fedsdr.frozen_dropout off and on")
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_out:
@@ -122,26 +143,34 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     out = console()
-    settings = [(int(v), ckpt) for v in args.passes.split(",") for ckpt in ((False, True) if args.checkpointing else (False,))]
+    settings = [(int(v), ckpt, frozen) for v in args.passes.split(",")
+                for ckpt in ((False, True) if args.checkpointing else (False,))
+                for frozen in ((False, True) if args.frozen_dropout else (None,))]
     results = []
-    for pass_tokens, ckpt in settings:
+    for pass_tokens, ckpt, frozen in settings:
         argv = ["--config", args.config, "--records", str(args.records), "--steps", str(args.steps)]
+        extra = [] if frozen is None else [f"fedsdr.frozen_dropout={str(frozen).lower()}"]
         for item in [*args.overrides, f"train.pass_tokens={pass_tokens}",
-                     f"train.gradient_checkpointing={str(ckpt).lower()}"]:
+                     f"train.gradient_checkpointing={str(ckpt).lower()}", *extra]:
             argv += ["--set", item]
         results.append(child_figures(__file__, argv, f"the child for pass_tokens={pass_tokens}"))
     first = results[0]
-    table = Table(title=f"one training step on the {first['records']} longest training records "
-                        f"({first['tokens']} tokens, longest {first['longest']}; {first['compute_dtype']})")
-    for col in ("pass_tokens", "checkpointing", "passes", "s / step", "tokens/s", "peak RSS (MiB)",
-                "RSS before", "kept for backward (KiB / token)", "losses"):
+    table = Table(title=f"one training step ({' + '.join(first['adapters'])}) on the {first['records']} longest "
+                        f"training records ({first['tokens']} tokens, longest {first['longest']}; "
+                        f"{first['compute_dtype']})")
+    for col in ("pass_tokens", "checkpointing", "frozen dropout", "passes", "s / step", "tokens/s",
+                "peak RSS (MiB)", "RSS before", "kept for backward (KiB / token)", "losses"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(str(r["pass_tokens"]), "yes" if r["gradient_checkpointing"] else "no", str(r["passes"]),
+        frozen = "-" if r["frozen_dropout"] is None else ("on" if r["frozen_dropout"] else "off")
+        table.add_row(str(r["pass_tokens"]), "yes" if r["gradient_checkpointing"] else "no", frozen, str(r["passes"]),
                       f"{r['seconds_per_step']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_mib']:.0f}",
                       f"{r['rss_before_mib']:.0f}", f"{r['saved_per_token_kib']:.0f}",
                       " ".join(f"{x:.4f}" for x in r["losses"]))
     out.print(table)
+    for off, on in zip(results[::2], results[1::2], strict=False) if args.frozen_dropout else ():
+        out.print(f"pass_tokens {off['pass_tokens']}: frozen adapter's dropout off / on = "
+                  f"{on['seconds_per_step'] / off['seconds_per_step']:.2f}x the speed")
     write_json(args.json, {"config": args.config, "overrides": args.overrides, "machine": machine(),
                            "steps": args.steps, "results": results})
     return 0

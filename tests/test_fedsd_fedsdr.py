@@ -23,6 +23,7 @@ from fedsdr.federation.engine import InProcessGrid, run_inprocess
 from fedsdr.federation.server import Server
 from fedsdr.models.adapters import (
     activate,
+    adapter_dropouts,
     adapter_parameters,
     fresh_adapter_state,
     from_arrayrecord,
@@ -132,8 +133,10 @@ def _dual_session(tmp_path: Path, *overrides: str):  # noqa: ANN202
     set_adapter_state(model, SMOOTH, fresh_adapter_state(model, SMOOTH, 2))
     activate(model, [RECTIFY, SMOOTH], trainable=[RECTIFY, SMOOTH])
     examples, _ = session.raw_examples()
-    smooth = make_stream(examples, adapter_parameters(model, SMOOTH), cfg.train, seed=0)
-    rectify = make_stream(examples, adapter_parameters(model, RECTIFY), cfg.train, seed=1)
+    smooth = make_stream(examples, adapter_parameters(model, SMOOTH), cfg.train, seed=0,
+                         dropouts=adapter_dropouts(model, SMOOTH))
+    rectify = make_stream(examples, adapter_parameters(model, RECTIFY), cfg.train, seed=1,
+                          dropouts=adapter_dropouts(model, RECTIFY))
     return session, smooth, rectify
 
 
@@ -152,6 +155,29 @@ def test_each_stream_updates_only_its_own_adapter(tmp_path: Path) -> None:
     s2, r2 = get_adapter_state(model, SMOOTH), get_adapter_state(model, RECTIFY)
     assert all(np.array_equal(s1[k], s2[k]) for k in s1)
     assert any(not np.array_equal(r1[k], r2[k]) for k in r1)
+
+
+@pytest.mark.parametrize("frozen_dropout", [False, True])
+def test_the_frozen_adapter_drops_out_only_when_asked(tmp_path: Path, frozen_dropout: bool) -> None:
+    session, smooth, rectify = _dual_session(tmp_path, "lora.dropout=0.3")
+    model, cfg, tok = session.model, session.cfg, session.tokenizer
+    seen: dict[str, list[bool]] = {SMOOTH: [], RECTIFY: []}  # training mode of each dropout call
+
+    def record(name: str, module: torch.nn.Module) -> None:
+        if torch.is_grad_enabled():  # training passes (not the no-grad check of the loss's fast path)
+            seen[name].append(module.training)
+
+    for name in seen:
+        assert adapter_dropouts(model, name)
+        for module in adapter_dropouts(model, name):
+            module.register_forward_pre_hook(lambda m, args, name=name: record(name, m))
+
+    model.train()  # as dual_stream_steps has it
+    stream_step(model, smooth, rectify, cfg.train, 1e-2, pad_id=tok.pad_token_id,
+                autocast=session.runtime.autocast, frozen_dropout=frozen_dropout)  # trains S, R frozen
+    assert seen[SMOOTH] and all(seen[SMOOTH])  # the trained adapter always drops out
+    assert seen[RECTIFY] and all(m == frozen_dropout for m in seen[RECTIFY])
+    assert all(m.training for m in adapter_dropouts(model, RECTIFY))  # back in training mode after
 
 
 def test_both_adapters_take_part_in_the_forward_pass(tmp_path: Path) -> None:

@@ -421,6 +421,12 @@ class FedSDRConfig(_Section):
         "invariant to a loss scale, so the weight acts as LoRA-R's learning-rate factor "
         "(lambda * L_raw under SGD is lambda * lr for R).",
     )
+    frozen_dropout: bool = Field(
+        False,
+        description="Whether the adapter a pass does not train (frozen for it) keeps its LoRA dropout in that "
+        "pass. The paper does not say. Off (our default): it is a fixed part of the model for that pass, like "
+        "the frozen base, and a FedSDR step is cheaper (`benchmarks/bench_step.py --frozen-dropout`).",
+    )
     smooth_r: int | None = Field(None, ge=1, description="LoRA-S rank (unset: lora.r).")
     smooth_alpha: float | None = Field(None, gt=0, description="LoRA-S alpha (unset: lora.alpha).")
     rectify_r: int | None = Field(None, ge=1, description="LoRA-R rank (unset: lora.r).")

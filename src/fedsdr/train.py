@@ -403,6 +403,7 @@ class Stream:
     stats: StepStats = field(default_factory=StepStats)
     proximal_mu: float = 0.0
     anchors: list[torch.Tensor] = field(default_factory=list)
+    dropouts: list[torch.nn.Module] = field(default_factory=list)  # its adapter's LoRA dropouts
 
     def proximal_loss(self) -> torch.Tensor | None:
         """FedProx's mu/2 * ||theta - theta_global||^2 over this stream's adapter, if mu > 0."""
@@ -413,15 +414,16 @@ class Stream:
 
 def make_stream(
     examples: Sequence[Example], params: list[torch.nn.Parameter], cfg: TrainConfig, seed: int, *,
-    lr_scale: float = 1.0, proximal_mu: float = 0.0,
+    lr_scale: float = 1.0, proximal_mu: float = 0.0, dropouts: Sequence[torch.nn.Module] = (),
 ) -> Stream:
     """A stream with its own AdamW; `proximal_mu` > 0 anchors it at the parameters' current
-    (global) values."""
+    (global) values. `dropouts`: its adapter's LoRA dropout modules, which the other stream's
+    steps switch off when they freeze this adapter (`dual_stream_steps`)."""
     optimizer = torch.optim.AdamW([{"params": params, "lr_scale": lr_scale}], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     return Stream(batches(examples, cfg.batch_size, seed, cfg.length_grouping), params, optimizer,
-                  proximal_mu=proximal_mu, anchors=anchors)
+                  proximal_mu=proximal_mu, anchors=anchors, dropouts=list(dropouts))
 
 
 def share_optimizer(first: Stream, second: Stream, cfg: TrainConfig, second_lr_scale: float) -> None:
@@ -486,10 +488,11 @@ def sft_steps(
 
 
 def _backward_only_into(model: torch.nn.Module, stream: Stream, other: Stream, cfg: TrainConfig, *,
-                        pad_id: int, autocast: Callable) -> float:
+                        pad_id: int, autocast: Callable, frozen_dropout: bool = False) -> float:
     """Forward/backward of one batch of `stream` with both adapters in the forward pass and
-    `other`'s adapter frozen, so the gradient reaches only this stream's adapter."""
-    with _frozen(other.params):
+    `other`'s adapter frozen, so the gradient reaches only this stream's adapter. The frozen
+    adapter applies its LoRA dropout only with `frozen_dropout`."""
+    with _frozen(other.params, [] if frozen_dropout else other.dropouts):
         loss = _accumulate(model, stream, cfg, pad_id, autocast, extra_loss=stream.proximal_loss)
     stream.stats.losses.append(loss)
     return loss
@@ -497,11 +500,12 @@ def _backward_only_into(model: torch.nn.Module, stream: Stream, other: Stream, c
 
 def stream_step(
     model: torch.nn.Module, stream: Stream, other: Stream, cfg: TrainConfig, lr: float, *, pad_id: int,
-    autocast: Callable,
+    autocast: Callable, frozen_dropout: bool = False,
 ) -> float:
     """One optimizer step of `stream` with both adapters in the forward pass; `other`'s
     adapter is frozen for it, so this batch's loss changes only this stream's adapter."""
-    loss = _backward_only_into(model, stream, other, cfg, pad_id=pad_id, autocast=autocast)
+    loss = _backward_only_into(model, stream, other, cfg, pad_id=pad_id, autocast=autocast,
+                               frozen_dropout=frozen_dropout)
     _apply(stream.optimizer, cfg, lr)
     return loss
 
@@ -509,7 +513,7 @@ def stream_step(
 def dual_stream_steps(
     model: torch.nn.Module, smooth: Stream, rectify: Stream, cfg: TrainConfig, *, schedule: str, steps: int,
     first_step: int, total_steps: int, pad_id: int, autocast: Callable, joint_lambda: float = 1.0,
-    on_step: Callable[[int, float], None] | None = None,
+    frozen_dropout: bool = False, on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[StepStats, StepStats]:
     """FedSDR local training. Both adapters are active in every forward pass; a distilled batch
     updates only LoRA-S (`smooth`), a raw batch only LoRA-R (`rectify`), whose stream also
@@ -520,12 +524,17 @@ def dual_stream_steps(
                 adapters stepping once. AdamW is invariant to a loss scale, so lambda acts as R's
                 learning-rate factor: the step R takes is what lambda * L_raw gives under SGD.
     sequential: all S steps, then all R steps.
+
+    The adapter a pass does not train is a fixed part of the model for it, like the base: its
+    LoRA dropout is off in that pass unless `frozen_dropout` (the paper does not say; off
+    spares its dropout draws and masks; `benchmarks/bench_step.py --frozen-dropout`).
     """
     model.train()
     start = time.perf_counter()
 
     def step_one(stream: Stream, other: Stream, lr: float) -> float:
-        return stream_step(model, stream, other, cfg, lr, pad_id=pad_id, autocast=autocast)
+        return stream_step(model, stream, other, cfg, lr, pad_id=pad_id, autocast=autocast,
+                           frozen_dropout=frozen_dropout)
 
     with gradient_checkpointing(model, cfg.gradient_checkpointing):
         if schedule == "alternate":
@@ -545,8 +554,10 @@ def dual_stream_steps(
         elif schedule == "joint":
             share_optimizer(smooth, rectify, cfg, second_lr_scale=joint_lambda)
             for step in range(steps):
-                _backward_only_into(model, smooth, rectify, cfg, pad_id=pad_id, autocast=autocast)
-                loss = _backward_only_into(model, rectify, smooth, cfg, pad_id=pad_id, autocast=autocast)
+                _backward_only_into(model, smooth, rectify, cfg, pad_id=pad_id, autocast=autocast,
+                                    frozen_dropout=frozen_dropout)
+                loss = _backward_only_into(model, rectify, smooth, cfg, pad_id=pad_id, autocast=autocast,
+                                           frozen_dropout=frozen_dropout)
                 _apply(smooth.optimizer, cfg, lr_at(cfg, first_step + step, total_steps))
                 if on_step:
                     on_step(step, loss)
@@ -578,15 +589,20 @@ def gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[No
 
 
 class _frozen:
-    """Temporarily stop gradients into `frozen` (used so one stream cannot touch the other adapter)."""
+    """Temporarily stop gradients into `frozen` (used so one stream cannot touch the other
+    adapter), and put the `quiet` modules (its dropouts) in eval mode."""
 
-    def __init__(self, frozen: Sequence[torch.nn.Parameter]) -> None:
-        self.frozen = list(frozen)
+    def __init__(self, frozen: Sequence[torch.nn.Parameter], quiet: Sequence[torch.nn.Module] = ()) -> None:
+        self.frozen, self.quiet = list(frozen), [m for m in quiet if m.training]
 
     def __enter__(self) -> None:
         for p in self.frozen:
             p.requires_grad_(False)
+        for m in self.quiet:
+            m.train(False)
 
     def __exit__(self, *exc: object) -> None:
         for p in self.frozen:
             p.requires_grad_(True)
+        for m in self.quiet:
+            m.train(True)

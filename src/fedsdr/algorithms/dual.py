@@ -68,9 +68,10 @@ class DualAdapter(Algorithm):
         ad.activate(model, [g, loc], trainable=[g, loc])
         seed = lambda purpose: derive_seed(cfg.seed, purpose, server_round, session.client_id)  # noqa: E731
         local = make_stream(local_examples, ad.adapter_parameters(model, loc), cfg.train, seed(loc),
-                            lr_scale=(cfg.fedsdr.smooth_lr or cfg.train.lr) / cfg.train.lr)
+                            lr_scale=(cfg.fedsdr.smooth_lr or cfg.train.lr) / cfg.train.lr,
+                            dropouts=ad.adapter_dropouts(model, loc))
         glob = make_stream(global_examples, ad.adapter_parameters(model, g), cfg.train, seed(g),
-                           proximal_mu=proximal_mu(config))
+                           proximal_mu=proximal_mu(config), dropouts=ad.adapter_dropouts(model, g))
         torch.manual_seed(seed("dropout"))
         steps = cfg.train.local_steps
         with task(f"client {session.client_id}: local steps ({loc} + {g})", steps) as advance:
@@ -78,7 +79,8 @@ class DualAdapter(Algorithm):
                 model, local, glob, cfg.train, schedule=cfg.fedsdr.schedule, steps=steps,
                 first_step=(server_round - 1) * steps, total_steps=cfg.federation.rounds * steps,
                 pad_id=session.tokenizer.pad_token_id, autocast=session.runtime.autocast,
-                joint_lambda=cfg.fedsdr.joint_lambda, on_step=lambda step, loss: advance(1),
+                joint_lambda=cfg.fedsdr.joint_lambda, frozen_dropout=cfg.fedsdr.frozen_dropout,
+                on_step=lambda step, loss: advance(1),
             )
         ad.activate(model, [g, loc], trainable=[])
         metrics.update(

@@ -73,6 +73,12 @@ def adapter_parameters(model: PeftModel, adapter: str) -> list[torch.nn.Paramete
     return [p for n, p in model.named_parameters() if "lora_" in n and f".{adapter}." in n]
 
 
+def adapter_dropouts(model: torch.nn.Module, adapter: str) -> list[torch.nn.Module]:
+    """The LoRA dropout modules of `adapter` (one per adapted layer)."""
+    return [m.lora_dropout[adapter] for m in model.modules()
+            if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict) and adapter in m.lora_dropout]
+
+
 def get_adapter_state(model: PeftModel, adapter: str) -> AdapterState:
     """The adapter's tensors under PEFT's saved key names (adapter name stripped), as fp32 numpy."""
     state = get_peft_model_state_dict(model, adapter_name=adapter)
