@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from fedsdr.config import EvalConfig, RunConfig
 from fedsdr.data.schema import Record
 from fedsdr.io import write_text_atomic
-from fedsdr.train import chat_messages, collate, encode, token_nll
+from fedsdr.train import chat_messages, collate, encode, shared_prefix_of, token_nll
 
 # Rates (0/1 per record): binomial standard errors.
 RATE_METRICS = ("accuracy", "accuracy_flexible", "hallucination", "stated", "acc_norm", "truncated", "looped")
@@ -41,15 +41,17 @@ def reference_losses(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], *,
     autocast: Callable, system_prompt: str = "", batch_size: int = 8,
 ) -> list[tuple[float, int]]:
-    """Per record: (sum of response-token NLL, number of response tokens)."""
+    """Per record: (sum of response-token NLL, number of response tokens). The tokens every
+    record starts with (the chat template's opening) are run once and shared (`fedsdr.prefix`)."""
     model.eval()
     pad = tokenizer.pad_token_id
     examples = [encode(tokenizer, r, system_prompt) for r in records]
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    prefix = shared_prefix_of(model, examples, autocast, pad) if examples else None
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        nll, mask = token_nll(model, collate([examples[i] for i in idx], pad), autocast)
+        nll, mask = token_nll(model, collate([examples[i] for i in idx], pad), autocast, prefix=prefix)
         for row, i in enumerate(idx):
             out[i] = (float(nll[row].sum()), int(mask[row].sum()))
     return out

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedsdr.config import TrainConfig
 from fedsdr.data.schema import Record
+from fedsdr.prefix import MIN_SHARED, SharedPrefix, shareable_length, shared_prefix
 
 IGNORE = -100
 
@@ -141,10 +142,24 @@ LOSS_CHUNK = 256
 
 
 def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable, *,
-              chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL per position [B, T-1] (0 where the label is ignored) and the target mask."""
-    nll, mask = _target_nll(model, batch, autocast, chunk)
+              chunk: int = LOSS_CHUNK, prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL per position [B, T-1] (0 where the label is ignored) and the target mask.
+    With a `prefix` (`shared_prefix_of` the batch's examples), the forward starts after it."""
+    nll, mask = _target_nll(model, batch, autocast, chunk, prefix)
     return nll.new_zeros(mask.shape).masked_scatter(mask, nll), mask
+
+
+def shared_prefix_of(model: torch.nn.Module, examples: Sequence[Example], autocast: Callable, pad_id: int
+                     ) -> SharedPrefix | None:
+    """The keys and values of the tokens all `examples` start with, before any scored
+    position, for `token_nll(..., prefix=)` (no-grad use only: evaluation); None when too few."""
+    first_scored = [next((i for i, t in enumerate(e.labels) if t != IGNORE), len(e.labels)) for e in examples]
+    n = shareable_length([e.input_ids for e in examples], first_scored)
+    if n < MIN_SHARED:
+        return None
+    parts = _decoder_and_head(model, collate(examples[:1], pad_id), autocast)
+    device = next(model.parameters()).device
+    return shared_prefix(parts[0] if parts else model, examples[0].input_ids[:n], autocast, device)
 
 
 def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable, *,
@@ -154,8 +169,8 @@ def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], autoca
     return nll.sum(), int(mask.sum())
 
 
-def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable, chunk: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable, chunk: int,
+                prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """NLL (fp32) of every scored next token, in row-major order of the mask
     `labels[:, 1:] != -100` [B, T-1], and that mask.
 
@@ -163,22 +178,32 @@ def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast
     hidden states, the ones whose next token is scored are gathered and projected through the
     output embedding `chunk` rows at a time in the compute dtype, each chunk upcast to fp32
     only inside its log-softmax. Models without a separable decoder body take the full
-    forward, and only the scored rows of its logits are upcast.
+    forward, and only the scored rows of its logits are upcast. With a `prefix`, the forward
+    covers only the tokens after it, attending to its cached keys and values.
     """
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     mask = batch["labels"][:, 1:] != IGNORE
     targets = batch["labels"][:, 1:][mask]
     parts = _decoder_and_head(model, batch, autocast)
+    runner = model if parts is None else parts[0]
+    inputs: dict[str, object] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                 "use_cache": False}
+    scored = mask
+    if prefix is not None:
+        n, (rows, width) = prefix.length, batch["input_ids"].shape
+        if mask[:, :n].any():
+            raise ValueError("token_nll: the shared prefix overlaps scored positions")
+        inputs.update(input_ids=batch["input_ids"][:, n:], use_cache=True,
+                      position_ids=torch.arange(n, width, device=device).expand(rows, -1),
+                      cache=prefix.cache(rows, runner.config))
+        scored = mask[:, n:]
     with autocast():
+        out = runner(**inputs)
         if parts is None:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
-            return _chunked_nll(logits[:, :-1][mask], targets, None, chunk), mask
-        body, head = parts
-        out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            return _chunked_nll(out.logits[:, :-1][scored], targets, None, chunk), mask
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return _chunked_nll(hidden[:, :-1][mask], targets, head, chunk), mask
+        return _chunked_nll(hidden[:, :-1][scored], targets, parts[1], chunk), mask
 
 
 def _chunked_nll(rows: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module | None, chunk: int
