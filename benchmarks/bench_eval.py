@@ -2,7 +2,10 @@
 
 What it measures, each on the same loaded model and in this order:
 
-- loss: reference loss of every global held-out record (forward only, response positions);
+- loss: reference loss of every global held-out record (forward only, response positions), the
+  tokens all records start with run once and shared (`fedsdr.prefix`); side by side with the
+  same losses from the full forward of every row ("loss, full forward"), alternating, best of
+  `--loss-repeats` each, with the ratio and the largest difference of a domain's mean loss;
 - multiple choice: the general suite (BIG-bench CRASS + BBH sources) ranked by log-likelihood,
   `--items` per task (prepared once from the bigbench sdist on PyPI; skipped with --no-general);
 - generation: greedy answers of the records `eval.generate_per_domain` selects, within each
@@ -30,6 +33,7 @@ def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--items", type=int, default=5, help="general suite: items per task (default 5)")
     p.add_argument("--no-general", action="store_true", help="skip the multiple-choice suite")
+    p.add_argument("--loss-repeats", type=int, default=2, help="loss: runs of each path (default 2)")
     args = p.parse_args()
     cfg = load(args)
 
@@ -53,8 +57,24 @@ def main() -> None:
             )
         return result, preds, elapsed()
 
-    _, _, seconds = run(records, generate=False)
-    figures["loss"] = {"records": len(records), "seconds": seconds, "records_per_s": len(records) / seconds}
+    import fedsdr.evaluate as evaluate_module
+
+    shared = evaluate_module.shared_prefix_of
+    paths = {"loss": shared, "loss, full forward": lambda *args, **kwargs: None}
+    run(records[:8], generate=False)  # warm-up
+    results: dict[str, dict] = {}
+    for _ in range(args.loss_repeats):
+        for name, prefix_of in paths.items():
+            evaluate_module.shared_prefix_of = prefix_of
+            try:
+                results[name], _, seconds = run(records, generate=False)
+            finally:
+                evaluate_module.shared_prefix_of = shared
+            best = min(seconds, figures.get(name, {}).get("seconds", seconds))
+            figures[name] = {"records": len(records), "seconds": best, "records_per_s": len(records) / best}
+    figures["loss_shared_prefix_speedup"] = figures["loss, full forward"]["seconds"] / figures["loss"]["seconds"]
+    figures["loss_max_domain_diff"] = max(abs(results["loss"][d]["loss"] - results["loss, full forward"][d]["loss"])
+                                          for d in results["loss"])
 
     if not args.no_general:
         from fedsdr.data.bigbench import load_general_suite
@@ -81,11 +101,13 @@ def main() -> None:
     table = Table(title=f"evaluation throughput, base model ({cfg.model.name}, {runtime.compute_dtype})")
     for col in ("what", "records", "seconds", "records/s"):
         table.add_column(col, justify="left" if col == "what" else "right")
-    for name in ("loss", "multiple_choice", "generation"):
+    for name in ("loss", "loss, full forward", "multiple_choice", "generation"):
         if name in figures:
             f = figures[name]
             table.add_row(name, str(f["records"]), f"{f['seconds']:.1f}", f"{f['records_per_s']:.2f}")
     out.print(table)
+    out.print(f"loss: shared prefix / full forward = {figures['loss_shared_prefix_speedup']:.2f}x the speed; "
+              f"largest difference of a domain's mean loss {figures['loss_max_domain_diff']:.2e}")
     gen = figures["generation"]
     out.print(f"generation: {gen['new_tokens_per_s']:.1f} new tokens/s; truncated share per domain "
               + ", ".join(f"{d} {v:.2f}" for d, v in gen["truncated"].items() if v is not None)
