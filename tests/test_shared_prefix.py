@@ -47,7 +47,7 @@ def test_losses_after_a_shared_prefix_equal_the_full_forward(autocast, tol) -> N
     set_adapter_state(model, "default", {k: v + 0.05 for k, v in get_adapter_state(model, "default").items()})
     model.eval()
     records, examples = _examples(tok)
-    prefix = shared_prefix_of(model, examples, autocast, tok.pad_token_id)
+    prefix = shared_prefix_of(model, examples, autocast)
     assert prefix is not None and prefix.length >= MIN_SHARED  # the chat template's opening
     first_scored = min(next(i for i, t in enumerate(e.labels) if t != IGNORE) for e in examples)
     assert prefix.length < first_scored
@@ -70,7 +70,7 @@ def test_a_prefix_that_reaches_a_scored_position_is_refused() -> None:
     model, tok = tiny_lora_model()
     model.eval()
     _, examples = _examples(tok)
-    prefix = shared_prefix_of(model, examples, contextlib.nullcontext, tok.pad_token_id)
+    prefix = shared_prefix_of(model, examples, contextlib.nullcontext)
     assert prefix is not None
     batch = collate(examples, tok.pad_token_id)
     batch["labels"][0, 1:prefix.length] = batch["input_ids"][0, 1:prefix.length]  # score the opening too

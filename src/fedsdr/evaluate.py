@@ -48,7 +48,7 @@ def reference_losses(
     examples = [encode(tokenizer, r, system_prompt) for r in records]
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    prefix = shared_prefix_of(model, examples, autocast, pad) if examples else None
+    prefix = shared_prefix_of(model, examples, autocast) if examples else None
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         nll, mask = token_nll(model, collate([examples[i] for i in idx], pad), autocast, prefix=prefix)

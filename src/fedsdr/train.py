@@ -149,7 +149,7 @@ def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: 
     return nll.new_zeros(mask.shape).masked_scatter(mask, nll), mask
 
 
-def shared_prefix_of(model: torch.nn.Module, examples: Sequence[Example], autocast: Callable, pad_id: int
+def shared_prefix_of(model: torch.nn.Module, examples: Sequence[Example], autocast: Callable
                      ) -> SharedPrefix | None:
     """The keys and values of the tokens all `examples` start with, before any scored
     position, for `token_nll(..., prefix=)` (no-grad use only: evaluation); None when too few."""
@@ -157,7 +157,8 @@ def shared_prefix_of(model: torch.nn.Module, examples: Sequence[Example], autoca
     n = shareable_length([e.input_ids for e in examples], first_scored)
     if n < MIN_SHARED:
         return None
-    parts = _decoder_and_head(model, collate(examples[:1], pad_id), autocast)
+    ids = torch.tensor([examples[0].input_ids])
+    parts = _decoder_and_head(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, autocast)
     device = next(model.parameters()).device
     return shared_prefix(parts[0] if parts else model, examples[0].input_ids[:n], autocast, device)
 
