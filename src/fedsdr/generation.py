@@ -35,6 +35,7 @@ class GenerationStats:
     prompt_tokens: int = 0  # real (non-pad) prompt tokens
     new_tokens: int = 0  # generated tokens per row, up to and including the first stop id
     seconds: float = 0.0  # wall time inside `generate`
+    prefill_seconds: float = 0.0  # of which the prompts' forward passes (prefill)
 
     @property
     def tokens_per_second(self) -> float:
@@ -182,7 +183,7 @@ def generate_detailed(
                                torch.Generator(device=device).manual_seed(seed), repeat_stop,
                                number_token_ids(tokenizer) if repeat_stop and numbers_alike else frozenset())
             decoder.run([(i, ids[i], budgets[i]) for i in order], batch_size, done)
-            calls = decoder.prefills
+            calls, prefill_seconds = decoder.prefills, decoder.prefill_seconds
     finally:
         model.train(was_training)
     new_tokens = sum(r.num_tokens for r in results if r is not None)
@@ -192,6 +193,7 @@ def generate_detailed(
         stats.prompt_tokens += sum(len(x) for x in ids)
         stats.new_tokens += new_tokens
         stats.seconds += time.perf_counter() - start
+        stats.prefill_seconds += prefill_seconds
     return [r for r in results if r is not None]
 
 
@@ -271,6 +273,7 @@ class _Decoder:
         self.repeat_stop, self.number_ids = repeat_stop, number_ids
         self.pick = lambda logits: _pick(logits.float(), do_sample, temperature, top_p, generator)
         self.prefills = 0
+        self.prefill_seconds = 0.0
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: DynamicCache) -> torch.Tensor:
@@ -288,7 +291,9 @@ class _Decoder:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache(self.model, self.device)
+        start = time.perf_counter()
         logits = self._forward(input_ids, mask, positions, cache)
+        self.prefill_seconds += time.perf_counter() - start
         self.prefills += 1
         return cache, mask, positions[:, -1] + 1, logits
 
