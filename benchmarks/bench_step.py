@@ -37,10 +37,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from fedsdr.algorithms import get_algorithm
+    from fedsdr.algorithms.dual import quiet_when_frozen
     from fedsdr.data.federated import build_federated_data
     from fedsdr.models.adapters import (
         activate,
-        adapter_dropouts,
         adapter_parameters,
         fresh_adapter_state,
         set_adapter_state,
@@ -75,7 +75,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
     torch.manual_seed(cfg.seed)
     streams = [make_stream(batch, adapter_parameters(model, name), train, seed=cfg.seed,
-                           dropouts=adapter_dropouts(model, name)) for name in names]
+                           quiet_when_frozen=quiet_when_frozen(cfg, model, name)) for name in names]
     seconds = []
     for step in range(args.steps):
         start = time.perf_counter()
@@ -85,8 +85,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         else:  # a two-adapter algorithm's step: a pass for each adapter, the other one frozen
             dual_stream_steps(model, streams[1], streams[0], train, schedule=cfg.fedsdr.schedule, steps=1,
                               first_step=step, total_steps=args.steps, pad_id=tok.pad_token_id,
-                              autocast=runtime.autocast, joint_lambda=cfg.fedsdr.joint_lambda,
-                              frozen_dropout=cfg.fedsdr.frozen_dropout)
+                              autocast=runtime.autocast, joint_lambda=cfg.fedsdr.joint_lambda)
         seconds.append(time.perf_counter() - start)
     peak_rss = status_kb("VmHWM") / 1024
     # what the first pass keeps for backward (after the timed steps, which it would disturb)

@@ -13,6 +13,7 @@ from conftest import ROOT, assert_numbers_only, tiny_config
 from fedsdr import train as train_module
 from fedsdr.algorithms import fedsdr as fedsdr_module
 from fedsdr.algorithms import get_algorithm
+from fedsdr.algorithms.dual import quiet_when_frozen
 from fedsdr.algorithms.fedsdr import RECTIFY, SMOOTH
 from fedsdr.cli import main
 from fedsdr.data.federated import build_federated_data
@@ -134,9 +135,9 @@ def _dual_session(tmp_path: Path, *overrides: str):  # noqa: ANN202
     activate(model, [RECTIFY, SMOOTH], trainable=[RECTIFY, SMOOTH])
     examples, _ = session.raw_examples()
     smooth = make_stream(examples, adapter_parameters(model, SMOOTH), cfg.train, seed=0,
-                         dropouts=adapter_dropouts(model, SMOOTH))
+                         quiet_when_frozen=quiet_when_frozen(cfg, model, SMOOTH))
     rectify = make_stream(examples, adapter_parameters(model, RECTIFY), cfg.train, seed=1,
-                          dropouts=adapter_dropouts(model, RECTIFY))
+                          quiet_when_frozen=quiet_when_frozen(cfg, model, RECTIFY))
     return session, smooth, rectify
 
 
@@ -159,7 +160,8 @@ def test_each_stream_updates_only_its_own_adapter(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("frozen_dropout", [False, True])
 def test_the_frozen_adapter_drops_out_only_when_asked(tmp_path: Path, frozen_dropout: bool) -> None:
-    session, smooth, rectify = _dual_session(tmp_path, "lora.dropout=0.3")
+    session, smooth, rectify = _dual_session(tmp_path, "lora.dropout=0.3",
+                                             f"fedsdr.frozen_dropout={str(frozen_dropout).lower()}")
     model, cfg, tok = session.model, session.cfg, session.tokenizer
     seen: dict[str, list[bool]] = {SMOOTH: [], RECTIFY: []}  # training mode of each dropout call
 
@@ -174,7 +176,7 @@ def test_the_frozen_adapter_drops_out_only_when_asked(tmp_path: Path, frozen_dro
 
     model.train()  # as dual_stream_steps has it
     stream_step(model, smooth, rectify, cfg.train, 1e-2, pad_id=tok.pad_token_id,
-                autocast=session.runtime.autocast, frozen_dropout=frozen_dropout)  # trains S, R frozen
+                autocast=session.runtime.autocast)  # trains S, R frozen
     assert seen[SMOOTH] and all(seen[SMOOTH])  # the trained adapter always drops out
     assert seen[RECTIFY] and all(m == frozen_dropout for m in seen[RECTIFY])
     assert all(m.training for m in adapter_dropouts(model, RECTIFY))  # back in training mode after

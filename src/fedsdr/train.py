@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedsdr.config import TrainConfig
 from fedsdr.data.schema import Record
-from fedsdr.prefix import MIN_SHARED, SharedPrefix, shareable_length, shared_prefix
+from fedsdr.prefix import SharedPrefix, shareable_length, shared_prefix
 
 IGNORE = -100
 
@@ -155,8 +155,6 @@ def shared_prefix_of(model: torch.nn.Module, examples: Sequence[Example], autoca
     position, for `token_nll(..., prefix=)` (no-grad use only: evaluation); None when too few."""
     first_scored = [next((i for i, t in enumerate(e.labels) if t != IGNORE), len(e.labels)) for e in examples]
     n = shareable_length([e.input_ids for e in examples], first_scored)
-    if n < MIN_SHARED:
-        return None
     ids = torch.tensor([examples[0].input_ids])
     parts = _decoder_and_head(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, autocast)
     device = next(model.parameters()).device
@@ -429,7 +427,8 @@ class Stream:
     stats: StepStats = field(default_factory=StepStats)
     proximal_mu: float = 0.0
     anchors: list[torch.Tensor] = field(default_factory=list)
-    dropouts: list[torch.nn.Module] = field(default_factory=list)  # its adapter's LoRA dropouts
+    # modules switched to eval while this stream's adapter is frozen for the other stream's pass
+    quiet_when_frozen: list[torch.nn.Module] = field(default_factory=list)
 
     def proximal_loss(self) -> torch.Tensor | None:
         """FedProx's mu/2 * ||theta - theta_global||^2 over this stream's adapter, if mu > 0."""
@@ -440,16 +439,17 @@ class Stream:
 
 def make_stream(
     examples: Sequence[Example], params: list[torch.nn.Parameter], cfg: TrainConfig, seed: int, *,
-    lr_scale: float = 1.0, proximal_mu: float = 0.0, dropouts: Sequence[torch.nn.Module] = (),
+    lr_scale: float = 1.0, proximal_mu: float = 0.0, quiet_when_frozen: Sequence[torch.nn.Module] = (),
 ) -> Stream:
     """A stream with its own AdamW; `proximal_mu` > 0 anchors it at the parameters' current
-    (global) values. `dropouts`: its adapter's LoRA dropout modules, which the other stream's
-    steps switch off when they freeze this adapter (`dual_stream_steps`)."""
+    (global) values. `quiet_when_frozen`: modules (its adapter's LoRA dropouts, for FedSDR's
+    `fedsdr.frozen_dropout = false`) put in eval mode while the other stream's passes run with
+    this adapter frozen (`dual_stream_steps`)."""
     optimizer = torch.optim.AdamW([{"params": params, "lr_scale": lr_scale}], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     return Stream(batches(examples, cfg.batch_size, seed, cfg.length_grouping), params, optimizer,
-                  proximal_mu=proximal_mu, anchors=anchors, dropouts=list(dropouts))
+                  proximal_mu=proximal_mu, anchors=anchors, quiet_when_frozen=list(quiet_when_frozen))
 
 
 def share_optimizer(first: Stream, second: Stream, cfg: TrainConfig, second_lr_scale: float) -> None:
@@ -514,11 +514,11 @@ def sft_steps(
 
 
 def _backward_only_into(model: torch.nn.Module, stream: Stream, other: Stream, cfg: TrainConfig, *,
-                        pad_id: int, autocast: Callable, frozen_dropout: bool = False) -> float:
+                        pad_id: int, autocast: Callable) -> float:
     """Forward/backward of one batch of `stream` with both adapters in the forward pass and
-    `other`'s adapter frozen, so the gradient reaches only this stream's adapter. The frozen
-    adapter applies its LoRA dropout only with `frozen_dropout`."""
-    with _frozen(other.params, [] if frozen_dropout else other.dropouts):
+    `other`'s adapter frozen, so the gradient reaches only this stream's adapter (and `other`'s
+    `quiet_when_frozen` modules in eval mode)."""
+    with _frozen(other.params, other.quiet_when_frozen):
         loss = _accumulate(model, stream, cfg, pad_id, autocast, extra_loss=stream.proximal_loss)
     stream.stats.losses.append(loss)
     return loss
@@ -526,12 +526,11 @@ def _backward_only_into(model: torch.nn.Module, stream: Stream, other: Stream, c
 
 def stream_step(
     model: torch.nn.Module, stream: Stream, other: Stream, cfg: TrainConfig, lr: float, *, pad_id: int,
-    autocast: Callable, frozen_dropout: bool = False,
+    autocast: Callable,
 ) -> float:
     """One optimizer step of `stream` with both adapters in the forward pass; `other`'s
     adapter is frozen for it, so this batch's loss changes only this stream's adapter."""
-    loss = _backward_only_into(model, stream, other, cfg, pad_id=pad_id, autocast=autocast,
-                               frozen_dropout=frozen_dropout)
+    loss = _backward_only_into(model, stream, other, cfg, pad_id=pad_id, autocast=autocast)
     _apply(stream.optimizer, cfg, lr)
     return loss
 
@@ -539,7 +538,7 @@ def stream_step(
 def dual_stream_steps(
     model: torch.nn.Module, smooth: Stream, rectify: Stream, cfg: TrainConfig, *, schedule: str, steps: int,
     first_step: int, total_steps: int, pad_id: int, autocast: Callable, joint_lambda: float = 1.0,
-    frozen_dropout: bool = False, on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[StepStats, StepStats]:
     """FedSDR local training. Both adapters are active in every forward pass; a distilled batch
     updates only LoRA-S (`smooth`), a raw batch only LoRA-R (`rectify`), whose stream also
@@ -551,16 +550,14 @@ def dual_stream_steps(
                 learning-rate factor: the step R takes is what lambda * L_raw gives under SGD.
     sequential: all S steps, then all R steps.
 
-    The adapter a pass does not train is a fixed part of the model for it, like the base: its
-    LoRA dropout is off in that pass unless `frozen_dropout` (the paper does not say; off
-    spares its dropout draws and masks; `benchmarks/bench_step.py --frozen-dropout`).
+    The adapter a pass does not train is frozen for it, with its stream's `quiet_when_frozen`
+    modules in eval mode (FedSDR: its LoRA dropouts, unless `fedsdr.frozen_dropout`).
     """
     model.train()
     start = time.perf_counter()
 
     def step_one(stream: Stream, other: Stream, lr: float) -> float:
-        return stream_step(model, stream, other, cfg, lr, pad_id=pad_id, autocast=autocast,
-                           frozen_dropout=frozen_dropout)
+        return stream_step(model, stream, other, cfg, lr, pad_id=pad_id, autocast=autocast)
 
     with gradient_checkpointing(model, cfg.gradient_checkpointing):
         if schedule == "alternate":
@@ -580,10 +577,8 @@ def dual_stream_steps(
         elif schedule == "joint":
             share_optimizer(smooth, rectify, cfg, second_lr_scale=joint_lambda)
             for step in range(steps):
-                _backward_only_into(model, smooth, rectify, cfg, pad_id=pad_id, autocast=autocast,
-                                    frozen_dropout=frozen_dropout)
-                loss = _backward_only_into(model, rectify, smooth, cfg, pad_id=pad_id, autocast=autocast,
-                                           frozen_dropout=frozen_dropout)
+                _backward_only_into(model, smooth, rectify, cfg, pad_id=pad_id, autocast=autocast)
+                loss = _backward_only_into(model, rectify, smooth, cfg, pad_id=pad_id, autocast=autocast)
                 _apply(smooth.optimizer, cfg, lr_at(cfg, first_step + step, total_steps))
                 if on_step:
                     on_step(step, loss)

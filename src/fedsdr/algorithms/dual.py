@@ -38,6 +38,13 @@ from fedsdr.train import Example, dual_stream_steps, make_stream
 StreamExamples = tuple[list[Example], list[Example], int, dict[str, float]]
 
 
+def quiet_when_frozen(cfg: RunConfig, model: torch.nn.Module, adapter: str) -> list[torch.nn.Module]:
+    """What goes to eval mode while `adapter` is frozen for the other adapter's pass: its LoRA
+    dropouts (a fixed part of the model then, like the base), unless `fedsdr.frozen_dropout`
+    (the paper does not say)."""
+    return [] if cfg.fedsdr.frozen_dropout else ad.adapter_dropouts(model, adapter)
+
+
 class DualAdapter(Algorithm):
     """A global adapter (aggregated) and a local adapter (kept on its client)."""
 
@@ -69,9 +76,9 @@ class DualAdapter(Algorithm):
         seed = lambda purpose: derive_seed(cfg.seed, purpose, server_round, session.client_id)  # noqa: E731
         local = make_stream(local_examples, ad.adapter_parameters(model, loc), cfg.train, seed(loc),
                             lr_scale=(cfg.fedsdr.smooth_lr or cfg.train.lr) / cfg.train.lr,
-                            dropouts=ad.adapter_dropouts(model, loc))
+                            quiet_when_frozen=quiet_when_frozen(cfg, model, loc))
         glob = make_stream(global_examples, ad.adapter_parameters(model, g), cfg.train, seed(g),
-                           proximal_mu=proximal_mu(config), dropouts=ad.adapter_dropouts(model, g))
+                           proximal_mu=proximal_mu(config), quiet_when_frozen=quiet_when_frozen(cfg, model, g))
         torch.manual_seed(seed("dropout"))
         steps = cfg.train.local_steps
         with task(f"client {session.client_id}: local steps ({loc} + {g})", steps) as advance:
@@ -79,8 +86,7 @@ class DualAdapter(Algorithm):
                 model, local, glob, cfg.train, schedule=cfg.fedsdr.schedule, steps=steps,
                 first_step=(server_round - 1) * steps, total_steps=cfg.federation.rounds * steps,
                 pad_id=session.tokenizer.pad_token_id, autocast=session.runtime.autocast,
-                joint_lambda=cfg.fedsdr.joint_lambda, frozen_dropout=cfg.fedsdr.frozen_dropout,
-                on_step=lambda step, loss: advance(1),
+                joint_lambda=cfg.fedsdr.joint_lambda, on_step=lambda step, loss: advance(1),
             )
         ad.activate(model, [g, loc], trainable=[])
         metrics.update(
