@@ -97,6 +97,25 @@ def stopwatch() -> Iterator[Callable[[], float]]:
     end.append(time.perf_counter())
 
 
+def synchronize(device: Any = "cpu") -> None:
+    """Wait for the work queued on `device` (CUDA kernels run asynchronously); no-op on a CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def accelerator(device: Any = "cpu") -> dict[str, Any]:
+    """The CUDA device's name and the most memory its allocator held in this process (MB); {}
+    on a CPU."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"gpu": torch.cuda.get_device_name(device),
+            "device_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 

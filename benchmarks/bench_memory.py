@@ -198,6 +198,7 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
     from fedsdr.federation.engine import run_federation
     from fedsdr.models import loading
     from fedsdr.runs import RunDir
+    from fedsdr.train import pass_budget
 
     quiet_libraries()
     cfg = load_config(config, overrides)
@@ -265,7 +266,7 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
         "threads": torch.get_num_threads(),
         "trim": trim,
         "checkpointing": cfg.train.gradient_checkpointing,
-        "pass_tokens": cfg.train.pass_tokens,
+        "pass_tokens": pass_budget(cfg.train, loading.resolve_runtime(cfg.model).device),
         "torch_dropout": torch_dropout,
         "keep_freed": keep_freed,
         "compute_dtype": str(loading.resolve_runtime(cfg.model).compute_dtype),

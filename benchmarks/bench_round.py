@@ -81,6 +81,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    accelerator,
     console,
     cpu_bf16,
     load,
@@ -88,6 +89,7 @@ from _common import (  # noqa: E402
     median,
     parser,
     stopwatch,
+    synchronize,
     write_json,
 )
 
@@ -135,6 +137,7 @@ def bare_round(ctx: dict[str, Any], clients: list[int], steps: int) -> dict[str,
                 pad_id=ctx["tokenizer"].pad_token_id,
                 autocast=ctx["runtime"].autocast,
             )
+            synchronize(ctx["runtime"].device)
         out["wall"] += elapsed()
         states[cid] = (get_adapter_state(model, adapter), len(examples))  # outside the timer
         out["clients"][cid] = {
@@ -218,9 +221,10 @@ def padded_tokens(ctx: dict[str, Any], clients: list[int], steps: int) -> tuple[
     """(padded tokens, forward/backward passes) of the round's batches, replayed from the same
     seeds and split into passes as training splits them (`train.pass_tokens`)."""
     from fedsdr.algorithms import derive_seed
-    from fedsdr.train import batches, passes
+    from fedsdr.train import batches, pass_budget, passes
 
     cfg = ctx["cfg"]
+    budget = pass_budget(cfg.train, ctx["runtime"].device)
     total = count = 0
     for cid in clients:
         stream = batches(
@@ -230,7 +234,7 @@ def padded_tokens(ctx: dict[str, Any], clients: list[int], steps: int) -> tuple[
             cfg.train.length_grouping,
         )
         for _ in range(steps * cfg.train.grad_accum):
-            for part in passes(next(stream), cfg.train.pass_tokens):
+            for part in passes(next(stream), budget):
                 total += len(part) * max(len(e.input_ids) for e in part)
                 count += 1
     return total, count
@@ -259,6 +263,7 @@ def matmul_seconds(
     mode: str,
     compute: Any,
     direction: str,
+    device: Any = "cpu",
     min_time: float = 0.1,
     repeats: int = 3,
 ) -> float:
@@ -266,7 +271,8 @@ def matmul_seconds(
 
     direction fwd: F.linear(x[m,k], W[n,k]); bwd: g[m,n] @ W[n,k] (the gradient to the input).
     mode: "compute" = tensors in the compute dtype; "fp32"; "autocast" = fp32 tensors under
-    autocast to the compute dtype (casts included)."""
+    autocast to the compute dtype (casts included). On CUDA the clock stops after the device
+    has finished (`synchronize`)."""
     import time
 
     import torch
@@ -274,22 +280,23 @@ def matmul_seconds(
 
     dtype = compute if mode == "compute" else torch.float32
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(device, dtype)
     if direction == "fwd":
-        x = torch.randn(m, k, generator=gen).to(dtype)
+        x = torch.randn(m, k, generator=gen).to(device, dtype)
 
         def op() -> Any:
             return F.linear(x, w)
     else:
-        g = torch.randn(m, n, generator=gen).to(dtype)
+        g = torch.randn(m, n, generator=gen).to(device, dtype)
 
         def op() -> Any:
             return torch.mm(g, w)
 
+    kind = torch.device(device).type
     ctx = (
-        torch.autocast("cpu", dtype=compute)
+        torch.autocast(kind, dtype=compute)
         if mode == "autocast"
-        else torch.autocast("cpu", enabled=False)
+        else torch.autocast(kind, enabled=False)
     )
     best = float("inf")
     with torch.inference_mode(), ctx:
@@ -301,6 +308,7 @@ def matmul_seconds(
             while True:
                 op()
                 iters += 1
+                synchronize(device)
                 spent = time.perf_counter() - start
                 if spent >= min_time and iters >= 2:
                     break
@@ -308,7 +316,7 @@ def matmul_seconds(
     return best
 
 
-def measure_peak(model: Any, m: int, compute: Any) -> dict[str, Any]:
+def measure_peak(model: Any, m: int, compute: Any, device: Any = "cpu") -> dict[str, Any]:
     """Matmul GFLOP/s at the model's linear shapes, per shape and model-weighted (fwd+bwd)."""
     import torch
 
@@ -320,7 +328,7 @@ def measure_peak(model: Any, m: int, compute: Any) -> dict[str, Any]:
         flops = 2.0 * m * k * n
         row: dict[str, Any] = {"layers": names[(k, n)], "in": k, "out": n, "count": count}
         for mode in modes:
-            secs = [matmul_seconds(m, k, n, mode, compute, d) for d in ("fwd", "bwd")]
+            secs = [matmul_seconds(m, k, n, mode, compute, d, device) for d in ("fwd", "bwd")]
             row[f"{mode}_gflops"] = 2 * flops / sum(secs) / 1e9
             totals[mode][0] += count * 2 * flops
             totals[mode][1] += count * sum(secs)
@@ -740,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         padded, micro = padded_tokens(ctx, clients, steps)
         m = max(1, round(padded / micro))
         with stopwatch() as peak_elapsed:
-            peak = measure_peak(server.model, m, server.runtime.compute_dtype)
+            peak = measure_peak(server.model, m, server.runtime.compute_dtype, server.runtime.device)
         n_linear = peak["linear_params"]
         achieved = 4.0 * n_linear * tokens / bare_wall / 1e9
         peak_compute = peak["weighted_gflops"]["compute"]
@@ -756,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
         "compute_dtype": str(server.runtime.compute_dtype),
         "machine": machine(),
         "cpu_native_bf16": cpu_bf16(),
+        "device": str(server.runtime.device),
+        **accelerator(server.runtime.device),
         "clients": clients,
         "local_steps": steps,
         "batch_size": cfg.train.batch_size,
@@ -886,6 +896,9 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU native bf16: {'yes' if flags['native'] else 'no'}; compute dtype "
         f"{server.runtime.compute_dtype}; achieved / peak {achieved / peak_compute:.3f}"
     )
+    if "gpu" in figures:  # the process's high-water mark, peak measurement included
+        out.print(f"device {server.runtime.device} ({figures['gpu']}): peak GPU memory "
+                  f"{figures['device_peak_mb']:.0f} MB")
     with stopwatch() as loops_elapsed:
         figures["vs_trl"] = compare_loops(args, clients, torch.get_num_threads(), out)
     figures["loops_seconds"] = loops_elapsed()

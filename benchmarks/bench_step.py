@@ -30,7 +30,34 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import child_figures, console, load, machine, parser, status_kb, write_json
+from _common import (
+    child_figures,
+    console,
+    load,
+    machine,
+    parser,
+    status_kb,
+    synchronize,
+    write_json,
+)
+
+
+def count_ops(run: Any) -> int:
+    """How many ATen operators `run()` dispatches, backward included. Each is at least one
+    kernel launch on a GPU, where for a model this small the host's few microseconds per
+    operator, not the FLOPs, set the pace."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            Counter.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        run()
+    return Counter.calls
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,6 +79,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         encode_all,
         gradient_checkpointing,
         make_stream,
+        pass_budget,
         passes,
         response_loss,
         sft_steps,
@@ -76,20 +104,28 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     streams = [make_stream(batch, adapter_parameters(model, name), train, seed=cfg.seed,
                            quiet_when_frozen=quiet_when_frozen(cfg, model, name)) for name in names]
-    seconds = []
-    for step in range(args.steps):
-        start = time.perf_counter()
+
+    def one_step(step: int) -> None:
         if len(streams) == 1:
-            sft_steps(model, streams[0], train, steps=1, first_step=step, total_steps=args.steps,
+            sft_steps(model, streams[0], train, steps=1, first_step=step, total_steps=args.steps + 1,
                       pad_id=tok.pad_token_id, autocast=runtime.autocast)
         else:  # a two-adapter algorithm's step: a pass for each adapter, the other one frozen
             dual_stream_steps(model, streams[1], streams[0], train, schedule=cfg.fedsdr.schedule, steps=1,
-                              first_step=step, total_steps=args.steps, pad_id=tok.pad_token_id,
+                              first_step=step, total_steps=args.steps + 1, pad_id=tok.pad_token_id,
                               autocast=runtime.autocast, joint_lambda=cfg.fedsdr.joint_lambda)
+
+    seconds = []
+    for step in range(args.steps):
+        start = time.perf_counter()
+        one_step(step)
+        synchronize(runtime.device)
         seconds.append(time.perf_counter() - start)
     peak_rss = status_kb("VmHWM") / 1024
+    losses = [loss for stream in streams for loss in stream.stats.losses]
+    ops = count_ops(lambda: one_step(args.steps))  # one more step, untimed
     # what the first pass keeps for backward (after the timed steps, which it would disturb)
-    first = passes(batch, train.pass_tokens)[0]
+    budget = pass_budget(train, runtime.device)
+    first = passes(batch, budget)[0]
     tensors = collate(first, tok.pad_token_id)
     storages: dict[int, int] = {}
 
@@ -109,9 +145,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "adapters": names,
         "frozen_dropout": cfg.fedsdr.frozen_dropout if len(streams) > 1 else None,
-        "pass_tokens": train.pass_tokens,
+        "pass_tokens": budget,
         "gradient_checkpointing": train.gradient_checkpointing,
-        "passes": len(passes(batch, train.pass_tokens)),
+        "passes": len(passes(batch, budget)),
         "records": len(batch),
         "tokens": tokens,
         "longest": len(batch[0].input_ids),
@@ -120,7 +156,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mib": peak_rss,
         "rss_before_mib": rss_before,
         "saved_per_token_kib": saved_per_token / 1024,
-        "losses": [loss for stream in streams for loss in stream.stats.losses],
+        "losses": losses,
+        "ops_per_step": ops,
         "compute_dtype": str(runtime.compute_dtype),
     }
 
@@ -158,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"training records ({first['tokens']} tokens, longest {first['longest']}; "
                         f"{first['compute_dtype']})")
     for col in ("pass_tokens", "checkpointing", "frozen dropout", "passes", "s / step", "tokens/s",
-                "peak RSS (MiB)", "RSS before", "kept for backward (KiB / token)", "losses"):
+                "peak RSS (MiB)", "RSS before", "kept for backward (KiB / token)", "ATen ops / step", "losses"):
         table.add_column(col, justify="right")
     for r in results:
         frozen = "-" if r["frozen_dropout"] is None else ("on" if r["frozen_dropout"] else "off")
         table.add_row(str(r["pass_tokens"]), "yes" if r["gradient_checkpointing"] else "no", frozen, str(r["passes"]),
                       f"{r['seconds_per_step']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_mib']:.0f}",
-                      f"{r['rss_before_mib']:.0f}", f"{r['saved_per_token_kib']:.0f}",
+                      f"{r['rss_before_mib']:.0f}", f"{r['saved_per_token_kib']:.0f}", str(r["ops_per_step"]),
                       " ".join(f"{x:.4f}" for x in r["losses"]))
     out.print(table)
     for off, on in zip(results[::2], results[1::2], strict=False) if args.frozen_dropout else ():

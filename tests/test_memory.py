@@ -119,3 +119,39 @@ def test_passes_and_checkpointing_take_the_same_optimizer_step(setting) -> None:
     assert not model.get_base_model().is_activation_checkpointing  # off again for evaluation
     set_adapter_state(model, "default", start)
     model.eval()
+
+
+def test_pass_tokens_auto_splits_batches_on_a_cpu_and_not_on_an_accelerator(monkeypatch) -> None:  # noqa: ANN001
+    from fedsdr import train
+
+    assert train.pass_budget(TrainConfig(), torch.device("cpu")) == train.CPU_PASS_TOKENS == 512
+    assert train.pass_budget(TrainConfig(), torch.device("cuda")) == 0  # the whole batch in one pass
+    assert train.pass_budget(TrainConfig(pass_tokens=100), torch.device("cuda")) == 100  # the config's wins
+    # training resolves "auto" for the device the model is on: here a CPU, with a budget small
+    # enough to split the tiny batch
+    monkeypatch.setattr(train, "CPU_PASS_TOKENS", 24)
+    model, tok = tiny_lora_model("lora.dropout=0.0")
+    examples = [encode(tok, r) for r in _records()]
+    embedded: list[int] = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda *_: embedded.append(1))
+    forwards = {}
+    try:
+        for setting in (0, "auto", 24):  # 0 first: the model's one-time head check runs there
+            cfg = TrainConfig(batch_size=3, lr=1e-2, pass_tokens=setting)
+            stream = make_stream(examples, adapter_parameters(model, "default"), cfg, seed=0)
+            embedded.clear()
+            sft_steps(model, stream, cfg, steps=1, first_step=0, total_steps=1, pad_id=tok.pad_token_id,
+                      autocast=contextlib.nullcontext)
+            forwards[setting] = len(embedded)
+    finally:
+        handle.remove()
+    assert forwards[0] == 1
+    assert forwards["auto"] == forwards[24] == len(passes(examples, 24)) > 1
+
+
+def test_gpu_memory_is_a_figure_of_cuda_runs_only() -> None:
+    from fedsdr.models.loading import device_peak_memory
+
+    with device_peak_memory(torch.device("cpu")) as peak:
+        torch.ones(1000).sum()
+    assert peak == {}  # a CPU run's memory is its RSS (benchmarks/bench_memory.py)

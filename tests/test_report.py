@@ -138,6 +138,16 @@ def test_summarize_reads_rows_without_a_split() -> None:
     assert s["final"]["loss"] == 2.0 and s["clients_final"]["global"]["client_test"]["loss"] == 1.0
 
 
+def test_summarize_keeps_the_largest_gpu_memory_of_a_client_round() -> None:
+    train = [{"round": r, "scope": f"client-{c}", "kind": "train", "seconds": 1.0, "device_peak_mb": mb}
+             for r, c, mb in [(1, 0, 900.0), (1, 1, 1174.5), (2, 0, 1000.0)]]
+    rows = [{"round": 0, "scope": "global", "kind": "eval", "model": "global", "loss": 3.0}, *train]
+    assert summarize(tiny_config(), rows)["device_peak_mb"] == 1174.5
+    for row in train:  # a CPU run's rows carry no such figure, and neither does its summary
+        del row["device_peak_mb"]
+    assert "device_peak_mb" not in summarize(tiny_config(), rows)
+
+
 # statistics ----------------------------------------------------------------------------
 def test_hierarchical_diff_one_seed_is_the_item_bootstrap() -> None:
     d = list(np.random.default_rng(0).normal(0.3, 1.0, 50))

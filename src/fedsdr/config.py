@@ -9,7 +9,7 @@ import json
 import math
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -99,12 +99,13 @@ class TrainConfig(_Section):
     local_steps: int = Field(5, ge=1, description="Optimizer steps per client per round.")
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    pass_tokens: int = Field(
-        512, ge=0,
+    pass_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
         description="Most padded tokens (rows x longest row) in one forward/backward pass: a batch longer than "
         "that is split, longest rows first, into passes whose gradients add up to the batch's (the same step up "
         "to rounding and dropout draws). Bounds the activations kept for backward, the bulk of training memory. "
-        "0: each batch in one pass.",
+        "0: each batch in one pass. auto: 512 on a CPU, 0 on an accelerator (where every extra pass costs "
+        "thousands more kernel launches and memory is rarely what binds).",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute each decoder layer's activations in backward instead of keeping them: "

@@ -125,6 +125,20 @@ def passes(batch: Sequence[Example], max_tokens: int) -> list[list[Example]]:
     return out
 
 
+# `train.pass_tokens = "auto"` on a CPU: bounds training's activations (bench_memory) at no cost in
+# speed there (bench_step).
+CPU_PASS_TOKENS = 512
+
+
+def pass_budget(cfg: TrainConfig, device: torch.device) -> int:
+    """`train.pass_tokens` with "auto" resolved for `device`: `CPU_PASS_TOKENS` on a CPU, the whole
+    batch (0) on an accelerator, where each extra pass is another ~20k operator launches for
+    SmolLM2 (bench_step's ATen ops / step) and the host's time per launch, not memory, sets the pace."""
+    if cfg.pass_tokens != "auto":
+        return cfg.pass_tokens
+    return CPU_PASS_TOKENS if device.type == "cpu" else 0
+
+
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     """Learning rate at a global step (counting every round's local steps)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -470,7 +484,8 @@ def _accumulate(
     micro = [next(stream.batches) for _ in range(cfg.grad_accum)]
     n_targets = sum(e.num_target_tokens for b in micro for e in b)
     total = 0.0
-    for part in (part for batch in micro for part in passes(batch, cfg.pass_tokens)):
+    budget = pass_budget(cfg, next(model.parameters()).device)
+    for part in (part for batch in micro for part in passes(batch, budget)):
         loss_sum, _ = response_loss(model, collate(part, pad_id), autocast)
         loss = loss_sum / max(1, n_targets)
         total += float(loss.detach())

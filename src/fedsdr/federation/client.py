@@ -34,7 +34,7 @@ from fedsdr.models.adapters import (
     to_arrayrecord,
 )
 from fedsdr.models.cache import resolve_cache_dir
-from fedsdr.models.loading import shared_model
+from fedsdr.models.loading import device_peak_memory, shared_model
 from fedsdr.runs import ClientDir, append_jsonl, client_name, node_state_root, pause_for_tests
 
 client_app = ClientApp()
@@ -116,12 +116,13 @@ def train(msg: Message, context: Context) -> Message:
     global_state = from_arrayrecord(msg.content["arrays"])
     received = {k: from_arrayrecord(v) for k, v in msg.content.array_records.items() if k != "arrays"}
     local_state = algorithm.load_local_state(session, _held_state(context), server_round)
-    result = algorithm.train(session, global_state, server_round, config, local_state, received)
+    with device_peak_memory(session.runtime.device) as peak:
+        result = algorithm.train(session, global_state, server_round, config, local_state, received)
     algorithm.save_local_state(session, server_round, result.local_state)
     pause_for_tests(f"trained:{server_round}:{session.client_id}")
     for name, state in result.local_state.items():
         context.state[name] = to_arrayrecord(state)
-    metrics = identity(result.num_examples, session.client_id, **result.metrics)
+    metrics = identity(result.num_examples, session.client_id, **result.metrics, **peak)
     content = RecordDict({"arrays": to_arrayrecord(result.state), "metrics": metrics})
     for name, state in result.extra.items():
         content[name] = to_arrayrecord(state)

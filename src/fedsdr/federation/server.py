@@ -172,6 +172,7 @@ class Server:
             "clients": len(client_rows), "num_examples": int(weights.sum()),
             "bytes_up": sum(r["bytes_up"] for r in client_rows), "bytes_down": bytes_down * len(messages),
             "seconds": max(r["seconds"] for r in client_rows), **privacy,
+            **_largest(client_rows, "device_peak_mb"),
         })
         return new_arrays, client_rows + rows
 
@@ -250,3 +251,9 @@ def in_dtypes_of(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
         return new
     return ArrayRecord({k: Array(np.ascontiguousarray(v.numpy().astype(wanted[k]))) if k in wanted else v
                         for k, v in new.items()})
+
+
+def _largest(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """{key: its largest value over the rows}, or {} where no row has it (a CUDA-only figure)."""
+    values = [r[key] for r in rows if key in r]
+    return {key: max(values)} if values else {}

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +152,21 @@ def copy_off_the_checkpoint(model: torch.nn.Module, runtime: Runtime) -> int:
                 tensor.data = tensor.data.clone()
                 count += 1
     return count
+
+
+@contextlib.contextmanager
+def device_peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """`with device_peak_memory(d) as peak:` ... then `peak` holds `device_peak_mb`: the most
+    memory the CUDA allocator held during the block. Empty off CUDA, where the process's RSS is
+    the figure (benchmarks/bench_memory.py)."""
+    fields: dict[str, float] = {}
+    if device.type != "cuda":
+        yield fields
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    yield fields
+    fields["device_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def release_freed_memory() -> None:

@@ -93,6 +93,9 @@ def summarize(cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "bytes_up_total": sum(r.get("bytes_up", 0) for r in train_rows),
         "train_seconds_total": sum(r.get("seconds", 0.0) for r in train_rows),
     })
+    device_peaks = [r["device_peak_mb"] for r in train_rows if "device_peak_mb" in r]
+    if device_peaks:  # CUDA runs: the most GPU memory any client's training held
+        summary["device_peak_mb"] = max(device_peaks)
     if any(k.startswith("distill/") for r in train_rows for k in r):
         per_client = {r["scope"]: {k[8:]: v for k, v in r.items() if k.startswith("distill/")}
                       for r in train_rows}
