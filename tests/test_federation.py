@@ -207,3 +207,16 @@ def test_server_optimizers_send_the_adapter_dtype_and_aggregate_every_round(tmp_
     one, two = (load_adapter_file(out / f"checkpoints/round-00{k}") for k in (1, 2))
     assert {v.dtype for v in two.values()} == {np.dtype(np.float32)}
     assert any(not np.array_equal(one[k], two[k]) for k in one)
+
+
+def test_ray_clients_get_gpus_from_the_config_or_a_share_of_one_when_cuda_is_there(monkeypatch) -> None:  # noqa: ANN001
+    from fedsdr.federation.engine import ray_client_gpus
+
+    three_clients = "partition.num_clients=3"
+    assert ray_client_gpus(tiny_config(three_clients, "federation.ray_client_gpus=0.5")) == 0.5
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ray_client_gpus(tiny_config(three_clients)) == 0.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a CUDA machine reports
+    assert ray_client_gpus(tiny_config(three_clients)) == pytest.approx(1 / 3)
+    assert ray_client_gpus(tiny_config(three_clients, 'model.device="cpu"')) == 0.0
+    assert ray_client_gpus(tiny_config(three_clients, "federation.ray_client_gpus=0")) == 0.0
