@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_step.py [--records 8] [--steps 3]
         [--passes 0,512,1024] [--checkpointing] [--json step.json]
     .venv/bin/python benchmarks/bench_step.py --config configs/quickstart-fedsdr.toml --passes 512 --frozen-dropout
+    .venv/bin/python benchmarks/bench_step.py --passes 512 --attention sdpa,eager
 
 One batch of the config's `--records` longest training records (all clients; the bundled
 model and the quickstart by default) is trained for `--steps` optimizer steps with each
@@ -19,7 +20,9 @@ the step.
 With a two-adapter config (FedSDR, FedDPA) a step is the algorithm's: one pass that trains
 each adapter with the other one frozen (`train.dual_stream_steps`, both streams on the same
 batch, so twice the tokens). `--frozen-dropout` runs each setting with `fedsdr.frozen_dropout`
-off and on (the frozen adapter's LoRA dropout) and prints the speed ratio.
+off and on (the frozen adapter's LoRA dropout) and prints the speed ratio. `--attention`
+runs each setting with each `model.attn_implementation` given and prints the speed ratio and
+the peak's difference to the first.
 """
 
 from __future__ import annotations
@@ -145,6 +148,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "adapters": names,
         "frozen_dropout": cfg.fedsdr.frozen_dropout if len(streams) > 1 else None,
+        "attention": model.get_base_model().config._attn_implementation,
         "pass_tokens": budget,
         "gradient_checkpointing": train.gradient_checkpointing,
         "passes": len(passes(batch, budget)),
@@ -170,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpointing", action="store_true", help="also each with gradient checkpointing")
     p.add_argument("--frozen-dropout", action="store_true",
                    help="two-adapter configs: each setting with fedsdr.frozen_dropout off and on")
+    p.add_argument("--attention", default="",
+                   help="model.attn_implementation values, comma-separated (e.g. sdpa,eager); default: the config's")
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_out:
@@ -179,13 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     out = console()
-    settings = [(int(v), ckpt, frozen) for v in args.passes.split(",")
+    settings = [(int(v), ckpt, frozen, attn) for v in args.passes.split(",")
                 for ckpt in ((False, True) if args.checkpointing else (False,))
+                for attn in (args.attention.split(",") if args.attention else (None,))
                 for frozen in ((False, True) if args.frozen_dropout else (None,))]
     results = []
-    for pass_tokens, ckpt, frozen in settings:
+    for pass_tokens, ckpt, frozen, attn in settings:
         argv = ["--config", args.config, "--records", str(args.records), "--steps", str(args.steps)]
         extra = [] if frozen is None else [f"fedsdr.frozen_dropout={str(frozen).lower()}"]
+        extra += [] if attn is None else [f'model.attn_implementation="{attn}"']
         for item in [*args.overrides, f"train.pass_tokens={pass_tokens}",
                      f"train.gradient_checkpointing={str(ckpt).lower()}", *extra]:
             argv += ["--set", item]
@@ -194,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(title=f"one training step ({' + '.join(first['adapters'])}) on the {first['records']} longest "
                         f"training records ({first['tokens']} tokens, longest {first['longest']}; "
                         f"{first['compute_dtype']})")
-    for col in ("pass_tokens", "checkpointing", "frozen dropout", "passes", "s / step", "tokens/s",
+    for col in ("pass_tokens", "checkpointing", "attention", "frozen dropout", "passes", "s / step", "tokens/s",
                 "peak RSS (MiB)", "RSS before", "kept for backward (KiB / token)", "ATen ops / step", "losses"):
         table.add_column(col, justify="right")
     for r in results:
         frozen = "-" if r["frozen_dropout"] is None else ("on" if r["frozen_dropout"] else "off")
-        table.add_row(str(r["pass_tokens"]), "yes" if r["gradient_checkpointing"] else "no", frozen, str(r["passes"]),
+        table.add_row(str(r["pass_tokens"]), "yes" if r["gradient_checkpointing"] else "no", r["attention"], frozen,
+                      str(r["passes"]),
                       f"{r['seconds_per_step']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_mib']:.0f}",
                       f"{r['rss_before_mib']:.0f}", f"{r['saved_per_token_kib']:.0f}", str(r["ops_per_step"]),
                       " ".join(f"{x:.4f}" for x in r["losses"]))
@@ -207,6 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     for off, on in zip(results[::2], results[1::2], strict=False) if args.frozen_dropout else ():
         out.print(f"pass_tokens {off['pass_tokens']}: frozen adapter's dropout off / on = "
                   f"{on['seconds_per_step'] / off['seconds_per_step']:.2f}x the speed")
+    if args.attention and len(args.attention.split(",")) > 1:
+        for r in results:
+            base = next(b for b in results if (b["pass_tokens"], b["gradient_checkpointing"], b["frozen_dropout"])
+                        == (r["pass_tokens"], r["gradient_checkpointing"], r["frozen_dropout"]))
+            if r is not base:
+                out.print(f"pass_tokens {r['pass_tokens']}, checkpointing {r['gradient_checkpointing']}: "
+                          f"{r['attention']} / {base['attention']} = "
+                          f"{base['seconds_per_step'] / r['seconds_per_step']:.2f}x the speed, peak RSS "
+                          f"{r['peak_rss_mib'] - base['peak_rss_mib']:+.0f} MiB")
     write_json(args.json, {"config": args.config, "overrides": args.overrides, "machine": machine(),
                            "steps": args.steps, "results": results})
     return 0

@@ -35,6 +35,11 @@ class ModelConfig(_Section):
         description="Autocast dtype for matmuls. auto: bfloat16 where the device supports it, else float32.",
     )
     device: str = Field("auto", description="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'...")
+    attn_implementation: str = Field(
+        "auto",
+        description="transformers' attention implementation: 'auto' (the model's default: 'sdpa' for Llama), "
+        "'sdpa', 'eager', or another transformers accepts ('flash_attention_2' with flash-attn on CUDA...).",
+    )
     cache_dir: str = Field("", description="Where bundled models are prepared; empty: ~/.cache/fedsdr.")
     max_seq_len: int = Field(384, ge=16, description="Records longer than this (prompt+response tokens) are dropped.")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default.")

@@ -69,7 +69,7 @@ def load_model(run: RunDir, folders: dict[str, Path]):  # noqa: ANN201
         torch.set_num_threads(cfg.model.threads)
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source)
-    base = load_base_model(source, runtime)
+    base = load_base_model(source, runtime, cfg.model.attn_implementation)
     names = list(folders)
     model = PeftModel.from_pretrained(base, str(folders[names[0]]), adapter_name=names[0])
     for name in names[1:]:

@@ -96,9 +96,11 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_base_model(source: str, runtime: Runtime) -> PreTrainedModel:
-    """Load the base model frozen, in eval mode, on the runtime's device."""
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=runtime.dtype)
+def load_base_model(source: str, runtime: Runtime, attn_implementation: str = "auto") -> PreTrainedModel:
+    """Load the base model frozen, in eval mode, on the runtime's device; `attn_implementation`
+    ("auto": the model's default) goes to transformers as it is."""
+    chosen = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=runtime.dtype, **chosen)
     model.to(runtime.device)
     model.requires_grad_(False)
     model.config.use_cache = True
@@ -206,11 +208,11 @@ def shared_model(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     source = resolve_model_source(cfg)
-    key = (source, str(runtime), lora.model_dump_json(), repr(specs))
+    key = (source, str(runtime), cfg.attn_implementation, lora.model_dump_json(), repr(specs))
     if key not in _CACHE:
         while len(_CACHE) >= _CACHE_SIZE:  # PEFT wraps the base in place: one copy per key
             _CACHE.pop(next(iter(_CACHE)))
-        base = load_base_model(source, runtime)
+        base = load_base_model(source, runtime, cfg.attn_implementation)
         model = attach_adapters(base, lora, specs, seed)
         compact_lora_dropout(model)  # a 1-byte mask for backward, fewer generator calls
         store_frozen_linears_for_autocast(model, runtime)
