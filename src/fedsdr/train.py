@@ -132,7 +132,7 @@ CPU_PASS_TOKENS = 512
 
 def pass_budget(cfg: TrainConfig, device: torch.device) -> int:
     """`train.pass_tokens` with "auto" resolved for `device`: `CPU_PASS_TOKENS` on a CPU, the whole
-    batch (0) on an accelerator, where each extra pass is another ~20k operator launches for
+    batch (0) on an accelerator, where each extra pass is another ~16k operator launches for
     SmolLM2 (bench_step's ATen ops / step) and the host's time per launch, not memory, sets the pace."""
     if cfg.pass_tokens != "auto":
         return cfg.pass_tokens
