@@ -285,3 +285,29 @@ def test_generated_subset_and_generate_rounds() -> None:
     assert EvalConfig(generate_every=2).generates_at(2, 5) and not EvalConfig(generate_every=2).generates_at(3, 5)
     assert EvalConfig(generate_every=[1]).generates_at(1, 3) and not EvalConfig(generate_every=[1]).generates_at(0, 3)
     assert not EvalConfig(generate=False).generates_at(0, 3)
+
+
+def test_a_base_model_evaluation_runs_without_the_adapters_and_gives_the_same_results() -> None:
+    from fedsdr.evaluate import Evaluator
+    from fedsdr.models.adapters import AdapterSpec, activate, fresh_adapter_state, set_adapter_state
+    from fedsdr.models.loading import shared_model
+
+    cfg = tiny_config("eval.max_new_tokens=8", "lora.dropout=0.0")
+    model, tok, runtime, source = shared_model(cfg.model, cfg.lora, [AdapterSpec("default", cfg.lora.r, cfg.lora.alpha)], 0)
+    set_adapter_state(model, "default", fresh_adapter_state(model, "default", 3))  # lora_B = 0: adds nothing
+    activate(model, ["default"], trainable=[])
+    records = [Record(id=f"r{i}", instruction=f"What is {i} + {i}?", output=f"The answer is {2 * i}.",
+                      domain="arithmetic", answer=str(2 * i)) for i in range(4)]
+    lora_calls: list[int] = []
+    hooks = [m.lora_A["default"].register_forward_hook(lambda *_: lora_calls.append(1))
+             for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    evaluator = Evaluator(model, tok, runtime.autocast, cfg.eval, source)  # no cache: both computed
+    try:
+        skipped = evaluator(records, generate=True, base_model=True)
+        assert not lora_calls  # the LoRA branch never ran
+        with_adapter = evaluator(records, generate=True, base_model=False)
+        assert lora_calls
+    finally:
+        for h in hooks:
+            h.remove()
+    assert skipped == with_adapter  # the same losses, scores and generated texts, exactly

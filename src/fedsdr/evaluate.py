@@ -10,6 +10,7 @@ sums over resampled records).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -260,10 +261,14 @@ class Evaluator:
     def __call__(self, records: Sequence[Record], *, generate: bool, base_model: bool, progress: str | None = None,
                  ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
         def compute() -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
-            return evaluate_with_predictions(
-                self.model, self.tokenizer, records, self.cfg, autocast=self.autocast, system_prompt=self.system_prompt,
-                seed=self.seed, progress=progress, generate=generate,
-            )
+            # Adapters that add nothing are skipped: the same outputs (x + 0 is x), without the
+            # LoRA branch's operators on every layer and decoding step.
+            skip = base_model and hasattr(self.model, "disable_adapter")
+            with self.model.disable_adapter() if skip else contextlib.nullcontext():
+                return evaluate_with_predictions(
+                    self.model, self.tokenizer, records, self.cfg, autocast=self.autocast,
+                    system_prompt=self.system_prompt, seed=self.seed, progress=progress, generate=generate,
+                )
 
         if not (base_model and self.cache_dir is not None):
             return compute()
@@ -297,6 +302,7 @@ def _base_key(model_id: str, model: torch.nn.Module, records: Sequence[Record], 
     param = next(model.parameters())
     payload = {
         "version": 1, "model": model_id, "files": files, "dtype": str(param.dtype), "device": param.device.type,
+        "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
         "cfg": cfg.model_dump(mode="json", exclude=_NOT_IN_BASE_KEY), "system_prompt": system_prompt, "seed": seed, "generate": generate,
         "records": [r.to_json() for r in records], "torch": torch.__version__,
     }
