@@ -34,6 +34,9 @@ def main() -> None:
     p.add_argument("--items", type=int, default=5, help="general suite: items per task (default 5)")
     p.add_argument("--no-general", action="store_true", help="skip the multiple-choice suite")
     p.add_argument("--loss-repeats", type=int, default=2, help="loss: runs of each path (default 2)")
+    p.add_argument("--adapter-cost", action="store_true",
+                   help="generation also with the fresh (zero-output) adapter left on, as before base-model "
+                   "evaluations switched adapters off; prints the ratio and whether the texts are the same")
     args = p.parse_args()
     cfg = load(args)
 
@@ -49,8 +52,10 @@ def main() -> None:
     records = build_federated_data(cfg.data, cfg.partition, cfg.seed).global_test
     figures: dict[str, Any] = {"machine": machine(), "compute_dtype": str(runtime.compute_dtype)}
 
-    def run(recs: list[Any], generate: bool) -> tuple[dict, list[dict], float]:
-        with model.disable_adapter(), stopwatch() as elapsed:
+    def run(recs: list[Any], generate: bool, adapters_off: bool = True) -> tuple[dict, list[dict], float]:
+        import contextlib
+
+        with model.disable_adapter() if adapters_off else contextlib.nullcontext(), stopwatch() as elapsed:
             result, preds = evaluate_with_predictions(
                 model, tok, recs, cfg.eval, autocast=runtime.autocast, system_prompt=cfg.data.system_prompt,
                 seed=cfg.seed, generate=generate,
@@ -94,6 +99,12 @@ def main() -> None:
         "truncated": {d: r.get("truncated") for d, r in result.items()},
         "budget": {d: max(p["budget"] for p in preds if p["domain"] == d) for d in result if d != "all"},
     }
+    if args.adapter_cost:
+        _, preds_on, seconds_on = run(chosen, generate=True, adapters_off=False)
+        figures["generation_adapter_on"] = {
+            "seconds": seconds_on, "speedup_off": seconds_on / seconds,
+            "same_texts": sum(a["response"] == b["response"] for a, b in zip(preds, preds_on, strict=True)),
+        }
 
     out = console()
     from rich.table import Table
@@ -112,6 +123,10 @@ def main() -> None:
     out.print(f"generation: {gen['new_tokens_per_s']:.1f} new tokens/s; truncated share per domain "
               + ", ".join(f"{d} {v:.2f}" for d, v in gen["truncated"].items() if v is not None)
               + "; budgets " + ", ".join(f"{d} {b}" for d, b in gen["budget"].items()))
+    if args.adapter_cost:
+        on = figures["generation_adapter_on"]
+        out.print(f"generation with the zero adapter on: {on['seconds']:.1f} s; adapters off = "
+                  f"{on['speedup_off']:.2f}x the speed; same texts {on['same_texts']}/{len(preds)}")
     write_json(args.json, figures)
 
 
