@@ -305,6 +305,7 @@ def test_a_base_model_evaluation_runs_without_the_adapters_and_gives_the_same_re
     try:
         skipped = evaluator(records, generate=True, base_model=True)
         assert not lora_calls  # the LoRA branch never ran
+        assert not any(p.requires_grad for p in model.parameters())  # left frozen, as it found them
         with_adapter = evaluator(records, generate=True, base_model=False)
         assert lora_calls
     finally:

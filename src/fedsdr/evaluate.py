@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from fedsdr.config import EvalConfig, RunConfig
 from fedsdr.data.schema import Record
 from fedsdr.io import write_text_atomic
+from fedsdr.models.adapters import adapters_off
 from fedsdr.train import chat_messages, collate, encode, shared_prefix_of, token_nll
 
 # Rates (0/1 per record): binomial standard errors.
@@ -264,7 +265,7 @@ class Evaluator:
             # Adapters that add nothing are skipped: the same outputs (x + 0 is x), without the
             # LoRA branch's operators on every layer and decoding step.
             skip = base_model and hasattr(self.model, "disable_adapter")
-            with self.model.disable_adapter() if skip else contextlib.nullcontext():
+            with adapters_off(self.model) if skip else contextlib.nullcontext():
                 return evaluate_with_predictions(
                     self.model, self.tokenizer, records, self.cfg, autocast=self.autocast,
                     system_prompt=self.system_prompt, seed=self.seed, progress=progress, generate=generate,

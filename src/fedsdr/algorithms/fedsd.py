@@ -24,7 +24,7 @@ from fedsdr.distill import (
     summarize,
 )
 from fedsdr.io import write_json_atomic, write_text_atomic
-from fedsdr.models.adapters import AdapterState, activate, set_adapter_state
+from fedsdr.models.adapters import AdapterState, activate, adapters_off, set_adapter_state
 
 
 def rewrite_round(server_round: int, refresh_every: int) -> int:
@@ -69,7 +69,7 @@ def client_distilled_set(
                 set_adapter_state(model, global_adapter, global_state)
                 activate(model, [global_adapter], trainable=[])
                 return rewrite_records(model, tok, session.data.train, cfg.distill, seed=seed, progress=progress)
-            with model.disable_adapter():  # the base model W0 rewrites
+            with adapters_off(model):  # the base model W0 rewrites
                 return rewrite_records(model, tok, session.data.train, cfg.distill, seed=seed, progress=progress)
 
     if run_copy.exists():

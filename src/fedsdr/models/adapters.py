@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,19 @@ def fresh_adapter_state(model: PeftModel, adapter: str, seed: int) -> AdapterSta
         else:
             state[key] = np.zeros_like(value)
     return state
+
+
+@contextlib.contextmanager
+def adapters_off(model: PeftModel) -> Iterator[None]:
+    """PEFT's `disable_adapter` (the base model alone), leaving every parameter's `requires_grad`
+    as it found it: PEFT switches gradients on for every active adapter when it re-enables them."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def adds_nothing(state: Mapping[str, np.ndarray]) -> bool:
