@@ -42,24 +42,24 @@ def main() -> None:
 
     from fedsdr.algorithms import get_algorithm
     from fedsdr.data.federated import build_federated_data
-    from fedsdr.evaluate import evaluate_with_predictions, generated_subset
+    from fedsdr.evaluate import Evaluator, generated_subset
     from fedsdr.models.adapters import activate
     from fedsdr.models.loading import shared_model
 
     algorithm = get_algorithm(cfg)
-    model, tok, runtime, _ = shared_model(cfg.model, cfg.lora, algorithm.adapters(cfg), cfg.seed)
+    model, tok, runtime, source = shared_model(cfg.model, cfg.lora, algorithm.adapters(cfg), cfg.seed)
     activate(model, [algorithm.global_adapter], trainable=[])
     records = build_federated_data(cfg.data, cfg.partition, cfg.seed).global_test
     figures: dict[str, Any] = {"machine": machine(), "compute_dtype": str(runtime.compute_dtype)}
 
-    def run(recs: list[Any], generate: bool, adapters_off: bool = True) -> tuple[dict, list[dict], float]:
-        import contextlib
+    # what the server runs; no cache_dir, so every figure is computed. `base_model` switches the
+    # (fresh, zero-output) adapter off, as base-model evaluations do.
+    evaluator = Evaluator(model, tok, runtime.autocast, cfg.eval, source, system_prompt=cfg.data.system_prompt,
+                          seed=cfg.seed)
 
-        with model.disable_adapter() if adapters_off else contextlib.nullcontext(), stopwatch() as elapsed:
-            result, preds = evaluate_with_predictions(
-                model, tok, recs, cfg.eval, autocast=runtime.autocast, system_prompt=cfg.data.system_prompt,
-                seed=cfg.seed, generate=generate,
-            )
+    def run(recs: list[Any], generate: bool, adapters_off: bool = True) -> tuple[dict, list[dict], float]:
+        with stopwatch() as elapsed:
+            result, preds = evaluator(recs, generate=generate, base_model=adapters_off)
         return result, preds, elapsed()
 
     import fedsdr.evaluate as evaluate_module

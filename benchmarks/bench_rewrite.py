@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fedsdr.algorithms import get_algorithm
     from fedsdr.generation import stop_token_ids
+    from fedsdr.models.adapters import adapters_off
     from fedsdr.models.loading import shared_model
 
     out = console()
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         was_training = model.training
         model.eval()
         try:
-            with runtime.autocast(), model.disable_adapter():  # what a FedSD client does in round 0
+            with runtime.autocast(), adapters_off(model):  # what a FedSD client does in round 0
                 cb_model = continuous_model(model, runtime) if "continuous" in active else None
                 with stopwatch() as warm_elapsed:
                     warm = dcfg.model_copy(update={"min_new_tokens": 1, "max_new_tokens": 4})
