@@ -34,6 +34,7 @@ from fedsdr.models.adapters import (
 )
 from fedsdr.models.cache import resolve_cache_dir
 from fedsdr.models.loading import shared_model
+from fedsdr.report.summary import largest
 from fedsdr.runs import RunDir, client_name, read_server_state, write_server_state
 
 
@@ -172,7 +173,7 @@ class Server:
             "clients": len(client_rows), "num_examples": int(weights.sum()),
             "bytes_up": sum(r["bytes_up"] for r in client_rows), "bytes_down": bytes_down * len(messages),
             "seconds": max(r["seconds"] for r in client_rows), **privacy,
-            **_largest(client_rows, "device_peak_mb"),
+            **largest(client_rows, "device_peak_mb"),
         })
         return new_arrays, client_rows + rows
 
@@ -251,9 +252,3 @@ def in_dtypes_of(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
         return new
     return ArrayRecord({k: Array(np.ascontiguousarray(v.numpy().astype(wanted[k]))) if k in wanted else v
                         for k, v in new.items()})
-
-
-def _largest(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
-    """{key: its largest value over the rows}, or {} where no row has it (a CUDA-only figure)."""
-    values = [r[key] for r in rows if key in r]
-    return {key: max(values)} if values else {}

@@ -46,6 +46,13 @@ def client_means(items: list[dict[str, Any]], columns: tuple[str, ...] = CLIENT_
     return out
 
 
+def largest(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """{key: its largest value over the rows}, or {} where no row has it (`device_peak_mb`: a
+    figure of CUDA runs only)."""
+    values = [r[key] for r in rows if key in r]
+    return {key: max(values)} if values else {}
+
+
 def summarize(cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Final figures of a run.
 
@@ -93,9 +100,7 @@ def summarize(cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "bytes_up_total": sum(r.get("bytes_up", 0) for r in train_rows),
         "train_seconds_total": sum(r.get("seconds", 0.0) for r in train_rows),
     })
-    device_peaks = [r["device_peak_mb"] for r in train_rows if "device_peak_mb" in r]
-    if device_peaks:  # CUDA runs: the most GPU memory any client's training held
-        summary["device_peak_mb"] = max(device_peaks)
+    summary.update(largest(train_rows, "device_peak_mb"))  # CUDA runs: the most GPU memory a client's round held
     if any(k.startswith("distill/") for r in train_rows for k in r):
         per_client = {r["scope"]: {k[8:]: v for k, v in r.items() if k.startswith("distill/")}
                       for r in train_rows}
