@@ -69,12 +69,15 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "processor": platform.processor() or platform.machine(),
         "cpu_native_bf16": cpu_bf16()["native"],
+        "cpu_bf16_in_use": cpu_bf16()["in_use"],
     }
 
 
-def cpu_bf16() -> dict[str, bool]:
+def cpu_bf16() -> dict[str, Any]:
     """The CPU's native-bf16 flags (what `lscpu` shows: avx512_bf16, amx_bf16); without
-    them bf16 matmuls are emulated and fedsdr computes in fp32."""
+    them bf16 matmuls are emulated and fedsdr computes in fp32. `in_use`: whether torch's oneDNN
+    will use them, which is what fedsdr's runtime asks; `ONEDNN_MAX_CPU_ISA=AVX2` turns them off,
+    the way to run an fp32-only CPU's code paths on a bf16 one (`limits` names what was set)."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
@@ -85,7 +88,21 @@ def cpu_bf16() -> dict[str, bool]:
             flags.update(line.split(":", 1)[1].split())
             break
     found = {name: name in flags for name in ("avx512_bf16", "amx_bf16")}
-    return {**found, "native": any(found.values())}
+    from fedsdr.models.loading import cpu_supports_bf16
+
+    limits = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+                                         "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
+    return {**found, "native": any(found.values()), "in_use": cpu_supports_bf16(), "limits": limits}
+
+
+def describe_bf16(flags: dict[str, Any]) -> str:
+    """One line on the CPU's bf16: native or not, and whether it was used."""
+    text = (f"CPU native bf16: {'yes' if flags['native'] else 'no'} (avx512_bf16 "
+            f"{'yes' if flags['avx512_bf16'] else 'no'}, amx_bf16 {'yes' if flags['amx_bf16'] else 'no'})")
+    if flags["native"] and not flags["in_use"]:
+        limits = " ".join(f"{k}={v}" for k, v in flags["limits"].items()) or "the environment"
+        text += f", turned off by {limits}: an fp32-only CPU emulated"
+    return text
 
 
 @contextmanager

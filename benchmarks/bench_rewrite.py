@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import console, cpu_bf16, load, machine, parser, stopwatch, write_json  # noqa: E402
+from _common import console, cpu_bf16, describe_bf16, load, machine, parser, stopwatch, write_json  # noqa: E402
 
 PATHS = ("engine", "bucketed", "continuous", "loop")
 
@@ -297,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         out.print(
             f"[bold]bench_rewrite[/]: model {cfg.model.name}, {len(records)} records, "
             f"budgets {min(budgets)}-{max(budgets)} (sum {sum(budgets)}), batch {batch_size}, "
-            f"stop ids {sorted(stops)}, compute {runtime.compute_dtype} (CPU native bf16: "
-            f"{'yes' if cpu_bf16()['native'] else 'no'}), threads {torch.get_num_threads()}, "
+            f"stop ids {sorted(stops)}, compute {runtime.compute_dtype} "
+            f"({describe_bf16(cpu_bf16())}), threads {torch.get_num_threads()}, "
             f"transformers {transformers.__version__}, load {load_elapsed():.1f} s"
             + (" [yellow](config samples: greedy forced)[/]" if sampling_was_on else "")
         )

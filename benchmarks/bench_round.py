@@ -84,6 +84,7 @@ from _common import (  # noqa: E402
     accelerator,
     console,
     cpu_bf16,
+    describe_bf16,
     load,
     machine,
     median,
@@ -599,9 +600,7 @@ def compare_loops(args: Any, clients: list[int], threads: int, out: Any) -> dict
     out.print(table)
     flags = figures["cpu_native_bf16"]
     out.print(
-        f"CPU native bf16: {'yes' if flags['native'] else 'no'} "
-        f"(avx512_bf16 {'yes' if flags['avx512_bf16'] else 'no'}, amx_bf16 {'yes' if flags['amx_bf16'] else 'no'}); "
-        f"compute dtype fedsdr {fed['compute_dtype']}, TRL {trl['compute_dtype']}; "
+        f"{describe_bf16(flags)}; compute dtype fedsdr {fed['compute_dtype']}, TRL {trl['compute_dtype']}; "
         f"same completion tokens in both: {'yes' if figures['same_target_tokens'] else 'NO'}"
     )
     return figures
@@ -894,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
     out.print(shapes)
     flags = cpu_bf16()
     out.print(
-        f"CPU native bf16: {'yes' if flags['native'] else 'no'}; compute dtype "
+        f"{describe_bf16(flags)}; compute dtype "
         f"{server.runtime.compute_dtype}; achieved / peak {achieved / peak_compute:.3f}"
     )
     if "gpu" in figures:  # the process's high-water mark, peak measurement included

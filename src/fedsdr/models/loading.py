@@ -48,7 +48,9 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
 
 
-def _cpu_supports_bf16() -> bool:
+def cpu_supports_bf16() -> bool:
+    """Whether torch's CPU matmuls (oneDNN) run bf16 natively here: the CPU has the instructions
+    (AVX512-bf16, AMX) and nothing turned them off (`ONEDNN_MAX_CPU_ISA=AVX2` does)."""
     try:
         return bool(
             torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -75,7 +77,7 @@ def resolve_runtime(cfg: ModelConfig) -> Runtime:
         # autocast runs the matmuls in bf16 where the CPU has native bf16 (about 2x the FLOP/s).
         dtype = _DTYPES.get(cfg.dtype) or torch.float32
         compute = _DTYPES.get(cfg.compute_dtype) or (
-            torch.bfloat16 if _cpu_supports_bf16() else torch.float32
+            torch.bfloat16 if cpu_supports_bf16() else torch.float32
         )
     return Runtime(device=device, dtype=dtype, compute_dtype=compute)
 
