@@ -13,7 +13,8 @@ checkpointing when `--checkpointing` is given. Per setting it prints seconds per
 non-pad tokens/s (the first step, which meets new shapes, is left out when there are more),
 the peak RSS during the steps (`VmHWM` reset before them) next to the RSS before them, and,
 after them, what autograd keeps for backward in the first pass, per padded token
-(`saved_tensors_hooks`, each storage counted once; with checkpointing, the layers' inputs).
+(`saved_tensors_hooks`, each storage counted once, the model's parameters left out; with
+checkpointing, the layers' inputs).
 The losses of the steps are printed too: passes change only rounding and dropout draws, not
 the step.
 
@@ -131,9 +132,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     first = passes(batch, budget)[0]
     tensors = collate(first, tok.pad_token_id)
     storages: dict[int, int] = {}
+    # a matmul keeps its weight for the input's gradient: the model's own memory, not the pass's
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def keep(t: torch.Tensor) -> torch.Tensor:
-        storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if t.untyped_storage().data_ptr() not in weights:
+            storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         return t
 
     model.train()
