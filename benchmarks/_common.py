@@ -61,6 +61,7 @@ def console() -> Any:
 def machine() -> dict[str, Any]:
     import torch
 
+    bf16 = cpu_bf16()
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -68,8 +69,8 @@ def machine() -> dict[str, Any]:
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "processor": platform.processor() or platform.machine(),
-        "cpu_native_bf16": cpu_bf16()["native"],
-        "cpu_bf16_in_use": cpu_bf16()["in_use"],
+        "cpu_native_bf16": bf16["native"],
+        "cpu_bf16_in_use": bf16["in_use"],
     }
 
 
