@@ -24,7 +24,7 @@ for part in ${PARTS:-round step quickstart}; do
       "$py" benchmarks/bench_step.py --passes 0,512 --steps 4 --json "$out/step.json" 2>&1 | tee "$out/step.log" ;;
     quickstart)
       start=$(date +%s)
-      if [ "${RESUME:-0}" = 1 ]; then how=--resume; else how=--force; fi
+      if [ "${RESUME:-0}" = 1 ]; then how=--resume; else how=--force; : > "$out/fedsdr.log"; fi  # a resumed run's log goes on
       "$py" -m fedsdr.cli run --config configs/quickstart-fedsdr.toml --set "federation.engine=$engine" \
         --out "$out/run-fedsdr" $how 2>&1 | tee -a "$out/fedsdr.log"
       echo "quickstart-fedsdr ($engine engine): exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s wall" \
