@@ -37,7 +37,39 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--json", type=Path, default=None, metavar="PATH", help="also write the figures here"
     )
+    p.add_argument(
+        "--allocator", choices=("auto", "system"), default="auto",
+        help="auto (default): fedsdr's code runs under jemalloc where one is found, as the `fedsdr` "
+        "command runs it (fedsdr.memory); system: the system's malloc (a what-if)",
+    )
     return p
+
+
+def allocator_as_fedsdr(args: argparse.Namespace) -> None:
+    """Run this benchmark's process (and the children it starts) under the allocator the
+    `fedsdr` command would pick: restarted once under jemalloc where one is found, unless
+    `--allocator system`. Call first thing after parsing the arguments."""
+    from fedsdr.memory import ALLOCATOR_ENV, with_jemalloc
+
+    if getattr(args, "allocator", "auto") == "system":
+        os.environ[ALLOCATOR_ENV] = "system"
+    if not getattr(args, "child", None):  # a child inherits the parent's allocator
+        with_jemalloc(sys.orig_argv[1:])
+
+
+def system_allocator_env() -> dict[str, str]:
+    """This process's environment without fedsdr's jemalloc preload: for the loop users write
+    today (TRL), which runs on the system's malloc."""
+    from fedsdr.memory import find_jemalloc
+
+    env = dict(os.environ)
+    ours = str(find_jemalloc())
+    kept = [p for p in env.get("LD_PRELOAD", "").split(":") if p and p != ours]
+    if kept:
+        env["LD_PRELOAD"] = ":".join(kept)
+    else:
+        env.pop("LD_PRELOAD", None)
+    return env
 
 
 def load(args: argparse.Namespace) -> Any:
@@ -61,8 +93,11 @@ def console() -> Any:
 def machine() -> dict[str, Any]:
     import torch
 
+    from fedsdr.memory import allocator
+
     bf16 = cpu_bf16()
     return {
+        "allocator": allocator(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import console, load, machine, parser, stopwatch, write_json  # noqa: E402
+from _common import allocator_as_fedsdr, console, load, machine, parser, stopwatch, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +38,7 @@ def main() -> None:
                    help="generation also with the fresh (zero-output) adapter left on, as before base-model "
                    "evaluations switched adapters off; prints the ratio and whether the texts are the same")
     args = p.parse_args()
+    allocator_as_fedsdr(args)
     cfg = load(args)
 
     from fedsdr.algorithms import get_algorithm

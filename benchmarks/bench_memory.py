@@ -41,13 +41,16 @@ import pkgutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedsdr.memory import allocator, release_freed_memory
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import child_figures, console, parser, status_kb, write_json  # noqa: E402
+from _common import allocator_as_fedsdr, child_figures, console, parser, status_kb, write_json  # noqa: E402
 
 GIB = 1024**3
 # The per-client comparison does not need the quickstart's 100-per-domain global test set:
@@ -76,29 +79,41 @@ class _Mallinfo2(ctypes.Structure):
 
 
 def _heap() -> dict[str, int]:
-    """glibc heap: bytes in use, free but kept in the arenas, and mmapped chunks."""
+    """The heap: bytes in use (`heap_used`), free but kept resident by the allocator
+    (`heap_free`), and glibc's mmapped chunks (`mmapped`, in use). glibc: `mallinfo2`;
+    jemalloc: `stats.allocated` and `stats.resident` (its page-level resident set)."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return {}
+    if hasattr(libc, "mallctl"):
+        return _jemalloc_stats(libc)
+    try:
         libc.mallinfo2.restype = _Mallinfo2
         m = libc.mallinfo2()
-    except (OSError, AttributeError):
+    except AttributeError:
         return {}
     return {"heap_used": m.uordblks, "heap_free": m.fordblks, "mmapped": m.hblkhd}
 
 
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def _jemalloc_stats(libc: ctypes.CDLL) -> dict[str, int]:
+    epoch = ctypes.c_uint64(1)
+    libc.mallctl(b"epoch", None, None, ctypes.byref(epoch), ctypes.c_size_t(8))  # refresh the stats
+    out = {}
+    for name in ("allocated", "resident"):
+        value, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+        libc.mallctl(f"stats.{name}".encode(), ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0))
+        out[name] = value.value
+    return {"heap_used": out["allocated"], "heap_free": max(0, out["resident"] - out["allocated"]), "mmapped": 0}
 
 
 class Phases:
     """Exact peak RSS per phase: at each boundary read VmHWM, credit it to the phase that
     ends, reset the high-water mark to the current RSS."""
 
-    def __init__(self, trim: bool = False) -> None:
-        self.trim = _malloc_trim if trim else None
+    def __init__(self, trim: bool = False, sample_live: float = 0.0) -> None:
+        self.trim = release_freed_memory if trim else None
+        self.live_peaks: dict[str, int] = {}
         self.current = "setup"
         self.peaks: dict[str, int] = {}
         self.counts: dict[str, int] = {}
@@ -107,6 +122,16 @@ class Phases:
         self.can_reset = True
         self.started = time.perf_counter()
         self.timeline: list[tuple[float, str, int, int]] = []
+        if sample_live > 0:  # the live heap's peak per phase, sampled (mallinfo2 walks the bins)
+            threading.Thread(target=self._sample, args=(sample_live,), daemon=True).start()
+
+    def _sample(self, every: float) -> None:
+        while True:
+            heap = _heap()
+            live = heap.get("heap_used", 0) + heap.get("mmapped", 0)
+            phase = self.current
+            self.live_peaks[phase] = max(self.live_peaks.get(phase, 0), live)
+            time.sleep(every)
 
     def mark(self, label: str) -> None:
         hwm = status_kb("VmHWM") * 1024
@@ -116,7 +141,9 @@ class Phases:
             self.trim()
         self.peaks[ended] = max(self.peaks.get(ended, 0), hwm)
         self.counts[ended] = self.counts.get(ended, 0) + 1
-        self.end_of[ended] = {"rss": rss, **_heap()}
+        # RssFile: pages of mapped files (the libraries' code, a mapped checkpoint), not the heap.
+        self.end_of[ended] = {"rss": rss, "rss_anon": status_kb("RssAnon") * 1024,
+                              "rss_file": status_kb("RssFile") * 1024, **_heap()}
         self.timeline.append((time.perf_counter() - self.started, ended, hwm, rss))
         if self.can_reset:
             try:
@@ -186,8 +213,8 @@ def inventory(model: Any) -> dict[str, int]:
 
 
 def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim: bool = False,
-          torch_dropout: bool = False, keep_freed: bool = False) -> None:
-    phases = Phases(trim)
+          torch_dropout: bool = False, keep_freed: bool = False, sample_live: float = 0.0) -> None:
+    phases = Phases(trim, sample_live)
     os.environ.setdefault("FEDSDR_PROGRESS", "0")
     import fedsdr.algorithms as algorithms
     import fedsdr.evaluate as evaluate
@@ -234,8 +261,10 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
 
     if torch_dropout:  # LoRA's dropout as torch has it: the noise kept for backward in fp32
         loading.compact_lora_dropout = lambda model: 0
-    if keep_freed:  # no malloc_trim after each client and evaluation
-        loading._LIBC = None
+    if keep_freed:  # no malloc_trim (or jemalloc purge) after each client and evaluation
+        import fedsdr.federation.engine as engine
+
+        engine.release_freed_memory = evaluate.release_freed_memory = lambda: None
     for module_name in ("fedsdr.federation.server", "fedsdr.federation.client"):
         module = sys.modules.get(module_name) or __import__(module_name, fromlist=["x"])
         module.shared_model = shared_model
@@ -253,6 +282,7 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
     figures = {
         "peak_rss": max(phases.peaks.values()),
         "phase_peaks": phases.peaks,
+        "live_peaks": phases.live_peaks,
         "phase_counts": phases.counts,
         "phase_end": phases.end_of,
         "rss_end": status_kb("VmRSS") * 1024,
@@ -270,6 +300,7 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
         "torch_dropout": torch_dropout,
         "keep_freed": keep_freed,
         "compute_dtype": str(loading.resolve_runtime(cfg.model).compute_dtype),
+        "allocator": allocator(),
         "seconds": seconds,
         **first_load,
         "timeline": phases.timeline,
@@ -283,6 +314,7 @@ def run_child(scenario: str, args: Any, env: dict[str, str]) -> dict[str, Any]:
     argv += ["--trim"] if args.trim else []
     argv += ["--torch-dropout"] if args.torch_dropout else []
     argv += ["--keep-freed"] if args.keep_freed else []
+    argv += ["--sample-live", str(args.sample_live)] if args.sample_live else []
     for item in args.overrides:
         argv += ["--set", item]
     return child_figures(__file__, argv, f"child {scenario!r}", env)
@@ -306,13 +338,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="what-if: LoRA's dropout as torch has it (before issue 11: its fp32 noise kept for backward)")
     p.add_argument("--keep-freed", action="store_true",
                    help="what-if: no malloc_trim after each client and evaluation (before issue 11)")
+    p.add_argument("--sample-live", type=float, default=0.0, metavar="SECONDS",
+                   help="also sample the live heap (glibc mallinfo2) every SECONDS: its peak per phase, "
+                   "against which the RSS peak shows what the allocator keeps beyond the live bytes")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    allocator_as_fedsdr(args)
     if args.child:
         child(args.config, [*args.overrides, *SCENARIOS[args.child]], args.loss, args.child_out,
               trim=args.trim, torch_dropout=args.torch_dropout,
-              keep_freed=args.keep_freed)
+              keep_freed=args.keep_freed, sample_live=args.sample_live)
         return 0
 
     from rich.table import Table
@@ -339,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         phases = ", ".join(f"{k} {_gb(v)}" for k, v in r["phase_peaks"].items())
         alive = ", ".join(f"{k} {v / 2**20:.0f} MiB" if k != "messages" else f"{v} messages"
                           for k, v in r["alive_end"].items())
-        out.print(f"  {scenario}: peak {_gb(r['peak_rss'])} GiB ({phases}), {r['seconds']:.0f} s; "
+        out.print(f"  {scenario}: peak {_gb(r['peak_rss'])} GiB ({phases}), {r['seconds']:.0f} s, "
+                  f"allocator {r.get('allocator')}; "
                   f"alive at the end: {alive}")
 
     what_if = [*args.overrides, *args.env, *(["trim"] if args.trim else []),

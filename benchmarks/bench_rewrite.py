@@ -55,7 +55,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import console, cpu_bf16, describe_bf16, load, machine, parser, stopwatch, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    allocator_as_fedsdr,
+    console,
+    cpu_bf16,
+    describe_bf16,
+    load,
+    machine,
+    parser,
+    stopwatch,
+    write_json,
+)
 
 PATHS = ("engine", "bucketed", "continuous", "loop")
 
@@ -265,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", default=",".join(PATHS),
                    help=f"comma-separated subset of {','.join(PATHS)} (default all)")
     args = p.parse_args(argv)
+    allocator_as_fedsdr(args)
     paths = [x.strip() for x in args.paths.split(",") if x.strip()]
     unknown = sorted(set(paths) - set(PATHS))
     if unknown:

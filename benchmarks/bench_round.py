@@ -82,6 +82,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     accelerator,
+    allocator_as_fedsdr,
     console,
     cpu_bf16,
     describe_bf16,
@@ -91,6 +92,7 @@ from _common import (  # noqa: E402
     parser,
     stopwatch,
     synchronize,
+    system_allocator_env,
     write_json,
 )
 
@@ -541,7 +543,9 @@ def run_child(args: Any, loop: str, clients: list[int], threads: int) -> dict[st
                ",".join(map(str, clients)), "--child-threads", str(threads), "--child-out", str(out)]
         for item in args.user_overrides:
             cmd += ["--set", item]
-        subprocess.run(cmd, check=True)
+        # fedsdr's child inherits the allocator `fedsdr` would pick; the loop users write today
+        # runs on the system's malloc
+        subprocess.run(cmd, check=True, env=None if loop == "fedsdr" else system_allocator_env())
         return json.loads(out.read_text(encoding="utf-8"))
 
 
@@ -550,7 +554,10 @@ def child_main(args: Any, cfg: Any) -> int:
 
     torch.set_num_threads(args.child_threads)
     clients = [int(x) for x in args.child_clients.split(",")]
+    from fedsdr.memory import allocator
+
     figures = (child_fedsdr if args.child == "fedsdr" else child_trl)(cfg, clients)
+    figures["allocator"] = allocator()
     Path(args.child_out).write_text(json.dumps(figures), encoding="utf-8")
     return 0
 
@@ -601,6 +608,7 @@ def compare_loops(args: Any, clients: list[int], threads: int, out: Any) -> dict
     flags = figures["cpu_native_bf16"]
     out.print(
         f"{describe_bf16(flags)}; compute dtype fedsdr {fed['compute_dtype']}, TRL {trl['compute_dtype']}; "
+        f"allocator fedsdr {fed.get('allocator')}, TRL {trl.get('allocator')}; "
         f"same completion tokens in both: {'yes' if figures['same_target_tokens'] else 'NO'}"
     )
     return figures
@@ -618,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(hidden, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-threads", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    allocator_as_fedsdr(args)
     args.user_overrides = list(args.overrides)  # what the children get with `--records`
     if args.records == "short":
         args.overrides = SHORT_RECORDS + args.overrides  # the user's own overrides win

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
+    allocator_as_fedsdr,
     child_figures,
     console,
     load,
@@ -70,13 +71,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from fedsdr.algorithms import get_algorithm
     from fedsdr.algorithms.dual import quiet_when_frozen
     from fedsdr.data.federated import build_federated_data
+    from fedsdr.memory import release_freed_memory
     from fedsdr.models.adapters import (
         activate,
         adapter_parameters,
         fresh_adapter_state,
         set_adapter_state,
     )
-    from fedsdr.models.loading import release_freed_memory, shared_model
+    from fedsdr.models.loading import shared_model
     from fedsdr.train import (
         collate,
         dual_stream_steps,
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="model.attn_implementation values, comma-separated (e.g. sdpa,eager); default: the config's")
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    allocator_as_fedsdr(args)
     if args.child_out:
         args.child_out.write_text(json.dumps(child(args)), encoding="utf-8")
         return 0

@@ -79,12 +79,6 @@ def test_lora_dropout_in_training_is_the_compact_one_and_seeded(bf16) -> None:  
     model.eval()
 
 
-def test_freed_heap_memory_can_be_handed_back_at_any_time() -> None:
-    from fedsdr.models.loading import release_freed_memory
-
-    release_freed_memory()  # glibc: malloc_trim; elsewhere: nothing
-
-
 def test_a_batch_is_split_into_passes_of_at_most_the_token_budget() -> None:
     from fedsdr.train import Example
 

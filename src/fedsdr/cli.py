@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fedsdr.config import ConfigError, RunConfig, load_config
 from fedsdr.data.schema import DataError
+from fedsdr.memory import with_jemalloc
 
 
 def _out_dir(cfg: RunConfig, out: str | None, config_path: str) -> Path:
@@ -311,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `fedsdr` command, not a call from Python: restart under jemalloc once
+        with_jemalloc(sys.orig_argv[1:])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "run" and not args.resume and not args.config:

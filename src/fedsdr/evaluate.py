@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from fedsdr.config import EvalConfig, RunConfig
 from fedsdr.data.schema import Record
 from fedsdr.io import write_text_atomic
+from fedsdr.memory import release_freed_memory
 from fedsdr.models.adapters import adapters_off
 from fedsdr.train import chat_messages, collate, encode, shared_prefix_of, token_nll
 
@@ -209,8 +210,6 @@ def evaluate_with_predictions(
             rows[i], more = _score_one(records[i], out.text, cfg.code_timeout, cfg.answer_regex, out.finished,
                                        out.looped)
             extras[i] = {"response": out.text, **more, "new_tokens": out.num_tokens, "budget": limit}
-    from fedsdr.models.loading import release_freed_memory
-
     release_freed_memory()  # the KV caches and activations of this evaluation
     by_domain: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):

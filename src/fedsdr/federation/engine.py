@@ -23,7 +23,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsdr.config import RunConfig
 from fedsdr.console import quiet_libraries, task
-from fedsdr.models.loading import release_freed_memory
+from fedsdr.memory import release_freed_memory
 from fedsdr.runs import RunDir
 
 SERVER_NODE_ID = 1
@@ -95,7 +95,7 @@ class InProcessGrid(Grid):
             for msg in messages:
                 self.sent.append(msg)
                 box: list[Message] = []
-                if timeout is None:  # no thread: each new thread costs glibc a malloc arena that it keeps
+                if timeout is None:  # no thread: each new thread costs the allocator an arena that it keeps
                     box.append(self._call(msg))
                 else:
                     worker = threading.Thread(target=lambda m=msg, b=box: b.append(self._call(m)), daemon=True)

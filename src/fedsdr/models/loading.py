@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,29 +169,6 @@ def device_peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
     torch.cuda.reset_peak_memory_stats(device)
     yield fields
     fields["device_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-
-
-def release_freed_memory() -> None:
-    """Hand the heap memory freed by the last phase (a client's training, an evaluation) back to
-    the OS. glibc keeps freed chunks of its heap resident; a training step frees gigabytes of
-    activations in pieces, and the next phase's allocations rarely fit the same holes, so
-    without this the resident set grows phase after phase. Takes milliseconds; no-op off glibc."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 -- musl and others have no malloc_trim
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_LIBC = _glibc()
 
 
 _CACHE: dict[tuple[str, ...], tuple[PeftModel, PreTrainedTokenizerBase, Runtime, str]] = {}
