@@ -121,7 +121,7 @@ class Phases:
         self.clear = Path("/proc/self/clear_refs")
         self.can_reset = True
         self.started = time.perf_counter()
-        self.timeline: list[tuple[float, str, int, int]] = []
+        self.timeline: list[tuple[float, str, int, int, int]] = []  # (s, phase, peak, RSS, heap used)
         if sample_live > 0:  # the live heap's peak per phase, sampled (mallinfo2 walks the bins)
             threading.Thread(target=self._sample, args=(sample_live,), daemon=True).start()
 
@@ -144,7 +144,7 @@ class Phases:
         # RssFile: pages of mapped files (the libraries' code, a mapped checkpoint), not the heap.
         self.end_of[ended] = {"rss": rss, "rss_anon": status_kb("RssAnon") * 1024,
                               "rss_file": status_kb("RssFile") * 1024, **_heap()}
-        self.timeline.append((time.perf_counter() - self.started, ended, hwm, rss))
+        self.timeline.append((time.perf_counter() - self.started, ended, hwm, rss, self.end_of[ended].get("heap_used", 0)))
         if self.can_reset:
             try:
                 self.clear.write_text("5")

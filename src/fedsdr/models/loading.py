@@ -28,6 +28,10 @@ from fedsdr.train import compact_lora_dropout
 # slower. oneDNN reads this at its first primitive, so any time before a model runs is in time;
 # a value set by the user wins.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+# ideep (torch's layer over oneDNN) keeps its own cache of matmul primitives, per thread, 1024
+# by default: ~10 MB for each new sequence length, so live memory grew ~80 MB per client trained
+# (`bench_memory.py`). 32 keeps one pass's shapes at the same speed (`bench_step.py`).
+os.environ.setdefault("LRU_CACHE_CAPACITY", "32")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
