@@ -30,7 +30,7 @@ _ARENAS_ALL = 4096  # jemalloc's MALLCTL_ARENAS_ALL: "arena.4096.purge" purges e
 def _process_symbols() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(None)
-    except OSError:
+    except (OSError, TypeError):  # Windows has no "this process" library handle
         return None
 
 
