@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsdr.memory import ALLOCATOR_ENV, JEMALLOC_ENV, find_jemalloc
+from fedsdr.memory import ALLOCATOR_ENV, JEMALLOC_ENV, find_jemalloc, with_jemalloc
 
 JEMALLOC = find_jemalloc()
 needs_jemalloc = pytest.mark.skipif(JEMALLOC is None or not sys.platform.startswith("linux"),
@@ -37,6 +37,24 @@ def test_a_jemalloc_path_given_must_exist(tmp_path: Path, monkeypatch: pytest.Mo
     given.write_bytes(b"")
     monkeypatch.setenv(JEMALLOC_ENV, str(given))
     assert find_jemalloc() == given
+
+
+@pytest.mark.parametrize(("name", "value", "named"), [
+    (ALLOCATOR_ENV, "tcmalloc", "expected 'jemalloc' or 'system'"),
+    (JEMALLOC_ENV, "/nowhere/libjemalloc.so", "no such file"),
+])
+def test_a_bad_allocator_setting_is_named(name: str, value: str, named: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name}=.*{named}"):
+        with_jemalloc(["-c", "pass"])  # would restart as `python -c pass` were the setting good
+
+
+def test_the_fedsdr_command_names_a_bad_allocator_setting() -> None:
+    env = {**os.environ, ALLOCATOR_ENV: "tcmalloc", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "fedsdr.cli", "models", "--help"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{ALLOCATOR_ENV}='tcmalloc'" in proc.stderr
 
 
 @needs_jemalloc

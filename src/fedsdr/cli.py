@@ -313,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the `fedsdr` command, not a call from Python: restart under jemalloc once
-        with_jemalloc(sys.orig_argv[1:])
+        try:
+            with_jemalloc(sys.orig_argv[1:])
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "run" and not args.resume and not args.config:

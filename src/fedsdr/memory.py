@@ -83,12 +83,17 @@ def with_jemalloc(argv: list[str]) -> None:
     """Restart this process as `python ARGV...` (`os.execve`) with jemalloc preloaded, where the
     platform is Linux, glibc's malloc runs, a jemalloc is found, and `FEDSDR_ALLOCATOR` is not
     `system`. Returns (doing nothing) in every other case, and after a restart that did not
-    take (the library preloaded, yet not serving malloc). Call it before anything heavy runs."""
-    if not sys.platform.startswith("linux") or os.environ.get(ALLOCATOR_ENV, "jemalloc") == "system":
-        return
-    if allocator() != "glibc":
+    take (the library preloaded, yet not serving malloc). Call it before anything heavy runs.
+    Raises ValueError for a `FEDSDR_ALLOCATOR` it does not know or a `FEDSDR_JEMALLOC` that is
+    no file."""
+    wanted = os.environ.get(ALLOCATOR_ENV, "jemalloc")
+    if wanted not in ("jemalloc", "system"):
+        raise ValueError(f"{ALLOCATOR_ENV}={wanted!r}: expected 'jemalloc' or 'system'")
+    if not sys.platform.startswith("linux") or wanted == "system" or allocator() != "glibc":
         return
     library = find_jemalloc()
+    if library is None and os.environ.get(JEMALLOC_ENV):
+        raise ValueError(f"{JEMALLOC_ENV}={os.environ[JEMALLOC_ENV]!r}: no such file")
     preloaded = os.environ.get("LD_PRELOAD", "")
     if library is None or str(library) in preloaded.split(":"):
         return
