@@ -22,11 +22,14 @@ but kept by the allocator (`heap_free`) rather than live (`heap_used`, `mmapped`
 Usage:
     .venv/bin/python benchmarks/bench_memory.py [--scenarios quickstart,six,clients-4,clients-8]
         [--config configs/quickstart.toml] [--set key=value ...] [--env MALLOC_ARENA_MAX=2]
-        [--loss full] [--torch-dropout] [--keep-freed] [--json out.json]
+        [--loss full] [--torch-dropout] [--keep-freed] [--sample-live 0.005] [--allocator system]
+        [--json out.json]
 `--loss full` runs the children with the pre-issue-11 loss (the model's full B x T x V
 logits, copied to fp32) for a before/after comparison; `--torch-dropout` with torch's own
 dropout in the LoRA layers (its fp32 noise kept for backward) instead of `train.MaskDropout`;
-`--keep-freed` without the `malloc_trim` after each client and evaluation; `--env` sets
+`--keep-freed` without the `malloc_trim` (jemalloc: purge) after each client and evaluation;
+`--sample-live` also samples the live heap's peak per phase; `--allocator system` runs the
+children on the system's malloc instead of the jemalloc the `fedsdr` command picks; `--env` sets
 environment variables for the children. Memory is not affected by other jobs on the machine (only the time is).
 """
 
