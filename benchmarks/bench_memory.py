@@ -85,16 +85,16 @@ def _heap() -> dict[str, int]:
     """The heap: bytes in use (`heap_used`), free but kept resident by the allocator
     (`heap_free`), and glibc's mmapped chunks (`mmapped`, in use). glibc: `mallinfo2`;
     jemalloc: `stats.allocated` and `stats.resident` (its page-level resident set)."""
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
+    kind = allocator()
+    if kind == "other":
         return {}
-    if hasattr(libc, "mallctl"):
+    libc = ctypes.CDLL(None)
+    if kind == "jemalloc":
         return _jemalloc_stats(libc)
     try:
         libc.mallinfo2.restype = _Mallinfo2
         m = libc.mallinfo2()
-    except AttributeError:
+    except AttributeError:  # glibc before 2.33
         return {}
     return {"heap_used": m.uordblks, "heap_free": m.fordblks, "mmapped": m.hblkhd}
 
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-freed", action="store_true",
                    help="what-if: no malloc_trim after each client and evaluation (before issue 11)")
     p.add_argument("--sample-live", type=float, default=0.0, metavar="SECONDS",
-                   help="also sample the live heap (glibc mallinfo2) every SECONDS: its peak per phase, "
+                   help="also sample the live heap (glibc mallinfo2, jemalloc stats.allocated) every SECONDS: its peak per phase, "
                    "against which the RSS peak shows what the allocator keeps beyond the live bytes")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)

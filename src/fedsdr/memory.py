@@ -34,14 +34,17 @@ def _process_symbols() -> ctypes.CDLL | None:
         return None
 
 
+# A process keeps the allocator it started with: look its symbols up once.
+_SYMBOLS = _process_symbols()
+
+
 def allocator() -> str:
     """'jemalloc' when jemalloc serves this process's malloc, 'glibc', or 'other'."""
-    symbols = _process_symbols()
-    if symbols is None:
+    if _SYMBOLS is None:
         return "other"
-    if hasattr(symbols, "mallctl"):
+    if hasattr(_SYMBOLS, "mallctl"):
         return "jemalloc"
-    if sys.platform.startswith("linux") and hasattr(symbols, "malloc_trim"):
+    if sys.platform.startswith("linux") and hasattr(_SYMBOLS, "malloc_trim"):
         return "glibc"
     return "other"
 
@@ -52,11 +55,10 @@ def release_freed_memory() -> None:
     heap resident (`malloc_trim`), jemalloc keeps freed pages for ~10 s (a purge). Takes
     milliseconds; a no-op under other allocators."""
     kind = allocator()
-    symbols = _process_symbols()
     if kind == "jemalloc":
-        symbols.mallctl(f"arena.{_ARENAS_ALL}.purge".encode(), None, None, None, ctypes.c_size_t(0))
+        _SYMBOLS.mallctl(f"arena.{_ARENAS_ALL}.purge".encode(), None, None, None, ctypes.c_size_t(0))
     elif kind == "glibc":
-        symbols.malloc_trim(0)
+        _SYMBOLS.malloc_trim(0)
 
 
 def find_jemalloc() -> Path | None:
