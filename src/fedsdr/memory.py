@@ -103,3 +103,45 @@ def with_jemalloc(argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *argv], env)
+
+
+_MADV_DONTNEED = 4  # Linux
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def checkpoint_maps(suffix: str = ".safetensors") -> list[tuple[int, int]]:
+    """(start, end) of this process's private (copy-on-write) mappings of files named `*suffix`
+    (transformers memory-maps safetensors checkpoints and its tensors view them); [] where
+    `/proc/self/maps` does not exist."""
+    try:
+        lines = Path("/proc/self/maps").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    spans = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[1] in ("r--p", "rw-p") and fields[5].endswith(suffix):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end))
+    return spans
+
+
+def drop_mapped_pages(tensor: object, maps: list[tuple[int, int]]) -> int:
+    """Drop from the resident set the whole pages of `tensor`'s bytes, when they lie in one of
+    `maps` (`checkpoint_maps()`); returns the bytes dropped (0 elsewhere, or off Linux).
+
+    Only for a tensor that was just converted or copied and that nothing uses any more: the
+    kernel drops its pages of the private file map (they leave RSS; touched again, they would
+    be read back from the file, and any write to them would be gone). Pages it shares with a
+    neighbouring tensor are kept.
+    """
+    if _SYMBOLS is None or not maps or not tensor.is_contiguous():  # type: ignore[attr-defined]
+        return 0
+    first = tensor.data_ptr()  # type: ignore[attr-defined]
+    last = first + tensor.numel() * tensor.element_size()  # type: ignore[attr-defined]
+    if not any(start <= first and last <= end for start, end in maps):
+        return 0
+    start, end = -(-first // _PAGE) * _PAGE, last // _PAGE * _PAGE
+    if end <= start or _SYMBOLS.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED):
+        return 0
+    return end - start

@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from fedsdr.config import LoraSettings, ModelConfig
+from fedsdr.memory import checkpoint_maps, drop_mapped_pages
 from fedsdr.models.adapters import AdapterSpec, attach_adapters
 from fedsdr.train import compact_lora_dropout
 
@@ -128,15 +129,20 @@ def store_frozen_linears_for_autocast(model: torch.nn.Module, runtime: Runtime) 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     get_head = getattr(base, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None
+    maps = checkpoint_maps() if runtime.device.type == "cpu" else []
     count = 0
     for name, module in model.named_modules():
         if type(module) is not torch.nn.Linear or ".lora_" in name or module.weight.requires_grad:
             continue
-        if id(module.weight) in embeddings:
+        tied = id(module.weight) in embeddings
+        if tied:
             if module is not head:
                 continue
             module.weight = torch.nn.Parameter(module.weight.detach().to(runtime.compute_dtype), requires_grad=False)
+        old = module.weight.detach()  # `to` swaps the parameter's data; this keeps the old bytes in view
         module.to(runtime.compute_dtype)
+        if not tied:  # the tied embeddings still use theirs
+            drop_mapped_pages(old, maps)  # else the whole fp32 file ends up resident next to the copies
         count += 1
     return count
 
@@ -151,11 +157,13 @@ def copy_off_the_checkpoint(model: torch.nn.Module, runtime: Runtime) -> int:
     """
     if runtime.device.type != "cpu":
         return 0  # moving to the device copied them
+    maps = checkpoint_maps()
     count = 0
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if ".lora_" not in name and tensor.dtype == runtime.dtype:
-                tensor.data = tensor.data.clone()
+                old, tensor.data = tensor.data, tensor.data.clone()
+                drop_mapped_pages(old, maps)
                 count += 1
     return count
 
