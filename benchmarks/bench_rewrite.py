@@ -81,6 +81,7 @@ class PathResult:
     calls: int  # generate calls (batches); requests for the continuous path
     prefill_seconds: float = 0.0  # engine only: of `seconds`, the prompts' forward passes
     prompt_tokens: int = 0  # engine only
+    shared_prefix_tokens: int = 0  # engine only: the prompt tokens all prompts start with, run once per call
 
     @property
     def tokens_per_s(self) -> float:
@@ -133,7 +134,8 @@ def run_engine(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed: 
     with stopwatch() as elapsed:
         rows = rewrite_records(model, tokenizer, records, dcfg, seed=seed, stats=stats)
     result = PathResult([r.rewrite for r in rows], [not r.truncated for r in rows], stats.new_tokens,
-                        stats.seconds, stats.calls, stats.prefill_seconds, stats.prompt_tokens)
+                        stats.seconds, stats.calls, stats.prefill_seconds, stats.prompt_tokens,
+                        stats.shared_prefix_tokens)
     return result, rows, elapsed()
 
 
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine": {"tokens": engine.tokens, "seconds": engine.seconds, "tokens_per_s": engine.tokens_per_s,
                    "calls": engine.calls, "finished": sum(engine.finished),
                    "rewrite_records_wall_s": engine_wall, "prefill_seconds": engine.prefill_seconds,
-                   "prompt_tokens": engine.prompt_tokens},
+                   "prompt_tokens": engine.prompt_tokens, "shared_prefix_tokens": engine.shared_prefix_tokens},
     }
     for name, r in results.items():
         same = [a == b for a, b in zip(r.texts, engine.texts, strict=True)]
@@ -406,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         needed = engine.tokens / (8.0 * results["loop"].tokens_per_s)
         figures["seconds_for_8x_loop"] = needed
         out.print(f"  8x the loop's tokens/s means the engine's {engine.tokens} tokens in {needed:.1f} s; its "
-                  f"prefill alone ({engine.prompt_tokens} prompt tokens, {engine.calls} calls) took "
+                  f"prefill alone ({engine.prompt_tokens} prompt tokens, of which a shared prefix of "
+                  f"{engine.shared_prefix_tokens} run once per call; {engine.calls} calls) took "
                   f"{engine.prefill_seconds:.1f} s of its {engine.seconds:.1f} s")
     out.print(
         f"total {total_elapsed():.0f} s; threads {torch.get_num_threads()}, "

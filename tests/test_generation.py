@@ -255,3 +255,26 @@ def test_engine_cache_gives_the_same_logits_as_the_plain_cache(model, tok, bf16)
     assert (plain_dtype, engine_dtype) == ((torch.float32, torch.bfloat16) if bf16 else (torch.float32,) * 2)
     assert torch.equal(plain, engine)
     assert plain_in_place == 0 and engine_in_place >= 85  # fresh room only now and then
+
+
+def test_a_shared_prompt_prefix_runs_once_and_gives_the_same_greedy_text(model, tok) -> None:
+    """Prompts that open alike (one system turn, as the rewrite prompts do) share the keys and
+    values of what they have in common: the prefix runs once per call, each prefill covers only
+    the rest, and the greedy outputs are those of full prefills (fp32: exactly), across
+    refills that merge caches of other widths and rows that leave the batch."""
+    system = {"role": "system", "content": "Answer in your own words, and keep it short please."}
+    prompts = [[system, *chat(i)[-1:]] for i in range(24)]
+    budgets = [2 + i % 7 for i in range(24)]  # rows stop at their budget or at eos, at different steps
+    full, shared = GenerationStats(), GenerationStats()
+    plain = generate_detailed(model, tok, prompts, max_new_tokens=budgets, batch_size=6, share_prefix=False,
+                              stats=full)
+    out = generate_detailed(model, tok, prompts, max_new_tokens=budgets, batch_size=6, stats=shared)
+    assert out == plain
+    assert 0 < sum(g.finished for g in out) < len(out)
+    rendered = [tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False),
+                    add_special_tokens=False)["input_ids"] for p in prompts]
+    common = next(j for j in range(min(map(len, rendered))) if len({r[j] for r in rendered}) > 1)
+    assert shared.shared_prefix_tokens == common >= 8 and full.shared_prefix_tokens == 0
+    assert shared.prompt_tokens == full.prompt_tokens  # counted in full either way
+    one = generate_detailed(model, tok, prompts[:1], max_new_tokens=budgets[0], stats=shared)
+    assert one == plain[:1] and shared.shared_prefix_tokens == common  # one prompt: nothing to share

@@ -12,6 +12,7 @@ small models loop under greedy decoding, and a loop only ever ends at the budget
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections import deque
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from fedsdr.prefix import SharedPrefix, shareable_length, shared_prefix
 
 Messages = list[dict[str, str]]
 
@@ -36,6 +39,7 @@ class GenerationStats:
     new_tokens: int = 0  # generated tokens per row, up to and including the first stop id
     seconds: float = 0.0  # wall time inside `generate`
     prefill_seconds: float = 0.0  # of which the prompts' forward passes (prefill)
+    shared_prefix_tokens: int = 0  # prompt tokens every prompt of a call starts with, run once per call
 
     @property
     def tokens_per_second(self) -> float:
@@ -142,6 +146,7 @@ def generate_detailed(
     stats: GenerationStats | None = None,
     repeat_stop: float = 0.0,
     numbers_alike: bool = False,
+    share_prefix: bool = True,
 ) -> list[Generation]:
     """Like `generate`, but each output also says how many tokens it used and whether it
     ended at a stop id (`stop_token_ids`; `finished=False`: it hit its token budget or looped).
@@ -149,7 +154,11 @@ def generate_detailed(
     `repeat_stop` = s in (0, 1] stops a row once at least that share of its last LOOP_WINDOW
     tokens' 4-grams repeat earlier ones (`LoopDetector`), marking it `looped`; 0 (default)
     decodes to a stop id or the budget. `numbers_alike`: the stop counts every number token as
-    the same token (a line repeated with new numbers is then a repeat)."""
+    the same token (a line repeated with new numbers is then a repeat).
+
+    `share_prefix`: the tokens every prompt starts with (the chat template's system turn, a
+    rewrite instruction) run through the model once, and each prompt's prefill covers only what
+    follows (`fedsdr.prefix`); the same attention, up to rounding. Off: each prompt in full."""
     if not 0.0 <= repeat_stop <= 1.0:
         raise ValueError(f"repeat_stop must be a share in [0, 1] (0: off), got {repeat_stop}")
     n = len(prompts)
@@ -179,9 +188,18 @@ def generate_detailed(
                 results[i] = _finish_row(tokenizer, tokens[: budgets[i]], stop_ids, looped)
                 advance(1)
 
+            prefix = None
+            if share_prefix and n > 1:
+                start_prefix = time.perf_counter()
+                shared = shareable_length(ids, [len(x) for x in ids])  # each row keeps a token to prefill
+                prefix = shared_prefix(model, ids[0][:shared], contextlib.nullcontext, device)
+                prefix_seconds = time.perf_counter() - start_prefix
             decoder = _Decoder(model, device, stop_ids, pad_id, do_sample, temperature, top_p,
                                torch.Generator(device=device).manual_seed(seed), repeat_stop,
-                               number_token_ids(tokenizer) if repeat_stop and numbers_alike else frozenset())
+                               number_token_ids(tokenizer) if repeat_stop and numbers_alike else frozenset(),
+                               prefix)
+            if prefix is not None:
+                decoder.prefill_seconds += prefix_seconds
             decoder.run([(i, ids[i], budgets[i]) for i in order], batch_size, done)
             calls, prefill_seconds = decoder.prefills, decoder.prefill_seconds
     finally:
@@ -194,6 +212,7 @@ def generate_detailed(
         stats.new_tokens += new_tokens
         stats.seconds += time.perf_counter() - start
         stats.prefill_seconds += prefill_seconds
+        stats.shared_prefix_tokens += prefix.length if prefix is not None else 0
     return [r for r in results if r is not None]
 
 
@@ -264,12 +283,16 @@ class _Decoder:
     """Greedy/sampled decoding with a KV cache and continuous batching: a row leaves the batch
     (and the cache) as soon as it emits a stop id or uses its own budget, and waiting prompts are
     prefilled into the freed slots, their cache left-padded to the batch's length. Positions
-    are tracked per row, so left padding never shifts a row's positions."""
+    are tracked per row, so left padding never shifts a row's positions. With a `prefix` that
+    every prompt starts with, a prefill starts from its keys and values: a row's cache is then
+    [prefix, padding, rest of its prompt], the padding masked out."""
 
     def __init__(self, model: Any, device: torch.device, stop_ids: frozenset[int], pad_id: int,
                  do_sample: bool, temperature: float, top_p: float, generator: torch.Generator,
-                 repeat_stop: float = 0.0, number_ids: frozenset[int] = frozenset()) -> None:
+                 repeat_stop: float = 0.0, number_ids: frozenset[int] = frozenset(),
+                 prefix: SharedPrefix | None = None) -> None:
         self.model, self.device, self.stop_ids, self.pad_id = model, device, stop_ids, pad_id
+        self.prefix = prefix
         self.repeat_stop, self.number_ids = repeat_stop, number_ids
         self.pick = lambda logits: _pick(logits.float(), do_sample, temperature, top_p, generator)
         self.prefills = 0
@@ -282,15 +305,20 @@ class _Decoder:
         return out.logits[:, -1, :]
 
     def _prefill(self, rows: list[tuple[int, list[int], int]]):  # noqa: ANN202
-        width = max(len(ids) for _, ids, _ in rows)
+        skip = self.prefix.length if self.prefix is not None else 0
+        width = max(len(ids) - skip for _, ids, _ in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for j, (_, ids, _) in enumerate(rows):
-            input_ids[j, width - len(ids):] = torch.tensor(ids)
-            mask[j, width - len(ids):] = 1
+            input_ids[j, width - len(ids) + skip:] = torch.tensor(ids[skip:])
+            mask[j, width - len(ids) + skip:] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + skip
         cache = new_cache(self.model, self.device)
+        if self.prefix is not None:
+            for layer, (keys, values) in enumerate(zip(self.prefix.keys, self.prefix.values, strict=True)):
+                cache.update(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1), layer)
+            mask = torch.cat([mask.new_ones((len(rows), skip)), mask], dim=1)
         start = time.perf_counter()
         logits = self._forward(input_ids, mask, positions, cache)
         self.prefill_seconds += time.perf_counter() - start
