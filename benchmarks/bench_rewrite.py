@@ -21,6 +21,9 @@ round 1):
   `transformers.generation.continuous_batching`, the row says "not available in
   transformers X.Y".
 - loop: one `model.generate` call per record at batch 1.
+- unshared: the engine with every prompt prefilled in full (`share_prefix=False`), where the
+  engine runs the opening all rewrite prompts share (system turn, instruction) once per call:
+  what that sharing saves.
 
 Generated tokens are counted the same way for every path: the new tokens of each record up
 to and including its first stop id, cut at its budget (filler after a row finished is not
@@ -37,13 +40,13 @@ Flags:
     --set KEY=VALUE     config override, repeatable (e.g. --set distill.batch_size=8)
     --records N         records to rewrite (default 64, about one client)
     --batch-size B      batch of the bucketed path (default: distill.batch_size)
-    --paths LIST        comma-separated subset of engine,bucketed,continuous,loop (default all;
+    --paths LIST        comma-separated subset of engine,bucketed,continuous,loop,unshared (default all;
                         the engine always runs: the others are compared with it)
     --json PATH         also write every figure as JSON
 
 Usage:
     .venv/bin/python benchmarks/bench_rewrite.py [--config configs/quickstart.toml]
-        [--records 64] [--paths engine,bucketed,continuous,loop] [--json out.json]
+        [--records 64] [--paths engine,bucketed,continuous,loop,unshared] [--json out.json]
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-PATHS = ("engine", "bucketed", "continuous", "loop")
+PATHS = ("engine", "bucketed", "continuous", "loop", "unshared")
 
 
 @dataclass
@@ -269,6 +272,20 @@ def run_loop(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, stops: f
     return PathResult(texts, finished, sum(counts), elapsed(), len(records))
 
 
+def run_unshared(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed: int) -> PathResult:
+    """The engine's generation as `rewrite_records` calls it, but every prompt prefilled in full."""
+    from fedsdr.distill import build_rewrite_messages
+    from fedsdr.generation import GenerationStats, generate_detailed
+
+    _, budgets = prompts_and_budgets(tokenizer, records, dcfg)
+    stats = GenerationStats()
+    outputs = generate_detailed(model, tokenizer, [build_rewrite_messages(r, dcfg.template) for r in records],
+                                max_new_tokens=budgets, batch_size=dcfg.batch_size, do_sample=False, seed=seed,
+                                stats=stats, share_prefix=False)
+    return PathResult([o.text.strip() for o in outputs], [o.finished for o in outputs], stats.new_tokens,
+                      stats.seconds, stats.calls, stats.prefill_seconds, stats.prompt_tokens)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--records", type=int, default=64, help="records to rewrite (default 64, about one client)")
@@ -323,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                 return run_bucketed(model, tokenizer, recs, d, batch_size, stops)
             if path == "continuous":
                 return run_continuous(cb_model, tokenizer, recs, d, batch_size, stops)
+            if path == "unshared":
+                return run_unshared(model, tokenizer, recs, d, cfg.seed)
             return run_loop(model, tokenizer, recs, d, stops)
 
         active = ["engine"] + [x for x in PATHS[1:] if x in paths and not (x == "continuous" and unavailable)]
@@ -372,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                          "same_as_engine": sum(same) / len(same),
                          "engine_speedup": engine.tokens_per_s / r.tokens_per_s,
                          "different_ids": [rec.id for rec, s in zip(records, same, strict=True) if not s]}
+        if r.prefill_seconds:
+            figures[name]["prefill_seconds"] = r.prefill_seconds
     if best:
         figures["best_library"] = best
         figures["engine_over_best_library"] = figures[best]["engine_speedup"]
@@ -388,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     table.add_row("  whole rewrite_records (+ filters)", "", f"{engine_wall:.1f}",
                   f"{engine.tokens / engine_wall:.1f}", "", "", "", "")
     labels = {"bucketed": f"model.generate, length-bucketed (batch {batch_size})",
-              "continuous": "transformers continuous batching", "loop": "loop (batch 1)"}
+              "continuous": "transformers continuous batching", "loop": "loop (batch 1)",
+              "unshared": "engine, each prompt prefilled in full"}
     for name, r in results.items():
         f = figures[name]
         table.add_row(labels[name], str(r.tokens), f"{r.seconds:.1f}", f"{r.tokens_per_s:.1f}",

@@ -240,7 +240,8 @@ class _EngineCache(DynamicCache):
         if self.dtype is not None:
             key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
-        if type(layer) is not DynamicLayer or layer.get_seq_length() == 0:
+        if type(layer) is not DynamicLayer or layer.get_seq_length() == 0 or key_states.shape[-2] > 1:
+            # a prefill (after a shared prefix) is one concatenation; room is for decoding steps
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         keys, n, add = layer.keys, layer.keys.shape[-2], key_states.shape[-2]
         room = self.room.get(layer_idx)
