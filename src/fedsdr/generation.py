@@ -1,7 +1,9 @@
 """Batched generation from chat prompts: the engine behind evaluation and rewriting.
 
 Prompts are rendered with the tokenizer's chat template, sorted by length (then by token
-budget) so each batch holds similar lengths, left-padded, and decoded with the KV cache.
+budget) so each batch holds similar lengths, left-padded, and decoded with the KV cache. The
+tokens all prompts of a call start with (the template's system turn, a rewrite instruction)
+run through the model once; each prefill starts from their keys and values.
 Each batch decodes up to the largest budget it holds; every output is then cut back to
 its own budget, so batched greedy outputs equal one-at-a-time greedy outputs.
 A row stops at any end-of-turn id: the tokenizer's eos and every id the model's

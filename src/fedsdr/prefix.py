@@ -34,7 +34,8 @@ class SharedPrefix:
     values: list[torch.Tensor]
 
     def cache(self, rows: int, config: object) -> DynamicCache:
-        """A fresh cache holding the prefix for `rows` rows (broadcast views: no copy)."""
+        """A fresh cache holding the prefix for `rows` rows (one copy per row: DynamicCache stores
+        what it is given by concatenation)."""
         cache = DynamicCache(config=config)
         for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), layer)
