@@ -1,4 +1,5 @@
-"""The process's heap allocator: which one runs, handing freed memory back, and jemalloc.
+"""The process's memory: which heap allocator runs, handing freed memory back, jemalloc, and
+the pages of a memory-mapped checkpoint that loading no longer needs.
 
 A training step allocates and frees hundreds of activation tensors of 0.5-3 MiB each. glibc's
 malloc serves them from one heap that fragments: on the quickstart round its resident set
