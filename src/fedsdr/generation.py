@@ -190,7 +190,7 @@ def generate_detailed(
                 results[i] = _finish_row(tokenizer, tokens[: budgets[i]], stop_ids, looped)
                 advance(1)
 
-            prefix = None
+            prefix, prefix_seconds = None, 0.0
             if share_prefix and n > 1:
                 start_prefix = time.perf_counter()
                 shared = shareable_length(ids, [len(x) for x in ids])  # each row keeps a token to prefill
@@ -200,8 +200,7 @@ def generate_detailed(
                                torch.Generator(device=device).manual_seed(seed), repeat_stop,
                                number_token_ids(tokenizer) if repeat_stop and numbers_alike else frozenset(),
                                prefix)
-            if prefix is not None:
-                decoder.prefill_seconds += prefix_seconds
+            decoder.prefill_seconds = prefix_seconds  # the shared prefix's forward is prefill too
             decoder.run([(i, ids[i], budgets[i]) for i in order], batch_size, done)
             calls, prefill_seconds = decoder.prefills, decoder.prefill_seconds
     finally:
