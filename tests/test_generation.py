@@ -8,6 +8,7 @@ from tiny_llama import tiny_model, tiny_tokenizer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fedsdr.generation import GenerationStats, generate, generate_detailed
+from fedsdr.kv import with_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -235,7 +236,7 @@ def test_engine_cache_gives_the_same_logits_as_the_plain_cache(model, tok, bf16)
         for cache in (DynamicCache(config=model.config), new_cache(model, torch.device("cpu"))):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             step_mask, logits = mask, [model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                             cache=cache, use_cache=True).logits[:, -1]]
+                                             **with_cache(model, cache), use_cache=True).logits[:, -1]]
             in_place = []
             for step in range(90):  # past the first reserved room (64 columns ahead)
                 if step == 30:  # a row leaves the batch, as in the engine
@@ -247,7 +248,7 @@ def test_engine_cache_gives_the_same_logits_as_the_plain_cache(model, tok, bf16)
                 positions = positions[:, -1:] + 1
                 before = cache.layers[0].keys.data_ptr()
                 logits.append(model(input_ids=token, attention_mask=step_mask, position_ids=positions,
-                                    cache=cache, use_cache=True).logits[:, -1])
+                                    **with_cache(model, cache), use_cache=True).logits[:, -1])
                 in_place.append(cache.layers[0].keys.data_ptr() == before)
             runs.append((torch.stack(logits[31:]), cache.layers[0].keys.dtype, sum(in_place)))
     (plain, plain_dtype, plain_in_place), (engine, engine_dtype, engine_in_place) = runs

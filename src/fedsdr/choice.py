@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedsdr.data.schema import Record
+from fedsdr.kv import with_cache
 from fedsdr.train import IGNORE, Example, chat_messages, collate, token_nll
 
 
@@ -83,7 +84,7 @@ def shared_context_logprobs(
             cache = DynamicCache(config=model.config)
             head = torch.tensor([context[:-1]], device=device)
             with autocast():
-                model(input_ids=head, attention_mask=torch.ones_like(head), cache=cache, use_cache=True,
+                model(input_ids=head, attention_mask=torch.ones_like(head), **with_cache(model, cache), use_cache=True,
                       logits_to_keep=1)
             n, width = len(continuations), 1 + max(len(c) for c in continuations)
             cache.batch_repeat_interleave(n)
@@ -96,7 +97,7 @@ def shared_context_logprobs(
             positions = torch.arange(len(context) - 1, len(context) - 1 + width).expand(n, width)
             with autocast():
                 logits = model(input_ids=rows.to(device), attention_mask=mask.to(device),
-                               position_ids=positions.to(device), cache=cache, use_cache=True).logits
+                               position_ids=positions.to(device), **with_cache(model, cache), use_cache=True).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             scores = []
             for j, cont in enumerate(continuations):

@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from fedsdr.kv import with_cache
 from fedsdr.prefix import SharedPrefix, shareable_length, shared_prefix
 
 Messages = list[dict[str, str]]
@@ -302,8 +303,8 @@ class _Decoder:
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: DynamicCache) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         **with_cache(self.model, cache), use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
     def _prefill(self, rows: list[tuple[int, list[int], int]]):  # noqa: ANN202
@@ -370,7 +371,7 @@ class _Decoder:
                 mask, cache = _trim_left(mask, cache)
             mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
             out_logits = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                                    cache=cache, use_cache=True)
+                                    **with_cache(self.model, cache), use_cache=True)
             logits = out_logits.logits[:, -1, :]
             next_pos = next_pos + 1
 

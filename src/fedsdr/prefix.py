@@ -22,6 +22,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from fedsdr.kv import with_cache
+
 MIN_SHARED = 4  # shorter prefixes are not worth a forward of their own
 
 
@@ -66,7 +68,7 @@ def shared_prefix(body: torch.nn.Module, ids: Sequence[int], autocast: Callable,
     config = getattr(body, "config", None)
     cache = DynamicCache(config=config)
     with autocast():
-        body(input_ids=torch.tensor([list(ids)], device=device), cache=cache, use_cache=True)
+        body(input_ids=torch.tensor([list(ids)], device=device), **with_cache(body, cache), use_cache=True)
     layers = getattr(cache, "layers", [])
     if not layers or any(type(layer) is not DynamicLayer or layer.get_seq_length() != len(ids) for layer in layers):
         return None

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedsdr.config import TrainConfig
 from fedsdr.data.schema import Record
+from fedsdr.kv import with_cache
 from fedsdr.prefix import SharedPrefix, shareable_length, shared_prefix
 
 IGNORE = -100
@@ -209,7 +210,7 @@ def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast
             raise ValueError("token_nll: the shared prefix overlaps scored positions")
         inputs.update(input_ids=batch["input_ids"][:, n:], use_cache=True,
                       position_ids=torch.arange(n, width, device=device).expand(rows, -1),
-                      cache=prefix.cache(rows, runner.config))
+                      **with_cache(runner, prefix.cache(rows, runner.config)))
         scored = mask[:, n:]
     with autocast():
         out = runner(**inputs)
