@@ -12,8 +12,9 @@ What it measures (all in one process, so the figures are ratios taken side by si
     (one client, one step, both paths) runs first so lazy initialisation and data building
     are not counted; then bare, federated, bare, federated; medians are reported.
     Both paths must do the same work: the per-client train losses are printed side by side
-    and must agree to ~1e-4 (they are normally identical), and the mean of the bare clients'
-    adapters must equal the server's aggregate.
+    and must agree to ~1e-4 (they are normally identical; on CUDA to 2e-3, since its attention
+    backward and cuBLAS are not deterministic: an H200 run differed by 8.4e-4 on one client), and
+    the mean of the bare clients' adapters must equal the server's aggregate.
     Read it as: ratio 1.00 = Flower costs nothing; 1.05 = the federated round takes 5% longer
     than its training. "outside sft_steps" splits each wall time into the training loop and
     everything else.
@@ -748,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         aggregate_diff = max_state_diff(bare_mean, from_arrayrecord(fed_runs[0]["arrays"]))
         tokens_match = all(r["tokens_bare"] == r["tokens_fed"] for r in loss_rows)
-        same_work = max_loss_diff <= 1e-4 and tokens_match
+        loss_tolerance = 2e-3 if server.runtime.device.type == "cuda" else 1e-4  # see the docstring
+        same_work = max_loss_diff <= loss_tolerance and tokens_match
 
         # throughput ----------------------------------------------------------------------
         bare_wall = median([r["wall"] for r in bare_runs])
@@ -844,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         "encode_all per client (s)", ", ".join(f"{encode_seconds[c]:.3f}" for c in clients)
     )
     table.add_row(
-        "same work (losses <= 1e-4, tokens equal)",
+        f"same work (losses <= {loss_tolerance:g}, tokens equal)",
         ("[green]yes[/]" if same_work else "[red]NO[/]") + f" (max diff {max_loss_diff:.2e})",
     )
     table.add_row("mean of bare adapters vs aggregate (max abs)", f"{aggregate_diff:.2e}")
