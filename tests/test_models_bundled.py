@@ -250,6 +250,23 @@ def test_unknown_bundled_name():
         prepare_bundled("no-such-model")
 
 
+def test_special_tokens_follow_the_gguf_metadata(tmp_path):
+    """The converted tokenizer's special tokens are the ids the GGUF file names, whatever the
+    installed transformers read (5.17 took SmolLM2's eos as <|im_start|> and left pad unset)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(build_tiny_model_dir(cache_dir=tmp_path))
+    right = {"eos_token": tok.eos_token_id, "bos_token": tok.bos_token_id}
+    tok.eos_token, tok.pad_token = tok.bos_token, None  # as 5.17 read the SmolLM2 file
+    ids = {**right, "pad_token": right["eos_token"]}
+    changes = bundled.align_special_tokens(tok, ids)
+    assert (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) == (ids["eos_token"],) * 2 + (ids["bos_token"],)
+    assert changes == [f"eos_token {tok.bos_token} -> {tok.eos_token}", f"pad_token None -> {tok.eos_token}"]
+    assert bundled.align_special_tokens(tok, ids) == []  # already aligned: nothing to change
+    with pytest.raises(ValueError, match="eos_token id 99999, outside the vocabulary"):
+        bundled.align_special_tokens(tok, {"eos_token": 99999})
+
+
 # ------------------------------------------------------------------------------ slow
 
 
@@ -301,7 +318,7 @@ def test_smollm2_generates_english(smollm_dir):
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     assert next(model.parameters()).dtype == torch.float32
-    assert tok.chat_template and tok.pad_token == tok.eos_token == "<|im_end|>"
+    assert tok.chat_template and tok.pad_token == tok.eos_token == "<|im_end|>" and tok.bos_token == "<|im_start|>"
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     enc = tok.apply_chat_template(

@@ -22,6 +22,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedsdr import console as progress_console
 from fedsdr.models.cache import (
@@ -37,7 +38,8 @@ from fedsdr.models.cache import (
 logger = logging.getLogger(__name__)
 
 # Bump when the conversion changes, so folders prepared by older code are rebuilt.
-PREPARE_FORMAT = 1
+# 2: special tokens from the GGUF metadata (a folder converted under transformers 5.17 had eos wrong).
+PREPARE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,42 @@ def _check_sha(path: Path, expected: str) -> None:
         )
 
 
+# GGUF metadata key role -> the tokenizer attribute that holds that special token
+_GGUF_SPECIAL_TOKENS = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
+
+
+def gguf_special_token_ids(gguf_path: Path) -> dict[str, int]:
+    """The special token ids a GGUF file's metadata names (``tokenizer.ggml.<role>_token_id``),
+    by tokenizer attribute (``eos_token``...); roles the file does not name are left out."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+    found = {}
+    for role, attribute in _GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(f"tokenizer.ggml.{role}_token_id")
+        if field is not None:
+            found[attribute] = int(field.parts[-1][0])
+    return found
+
+
+def align_special_tokens(tok: Any, token_ids: dict[str, int]) -> list[str]:
+    """Set each of ``tok``'s special tokens (``eos_token``...) to the token of the id given;
+    return what changed, as ``"eos_token <|im_start|> -> <|im_end|>"`` lines.
+
+    transformers 5.17 read SmolLM2's GGUF with eos = ``<|im_start|>`` (id 1) and no pad token,
+    where the file says eos = pad = id 2 (``<|im_end|>``), as 5.24 reads it: the file decides."""
+    changes = []
+    for attribute, token_id in token_ids.items():
+        if not 0 <= token_id < len(tok):
+            raise ValueError(f"the GGUF metadata names {attribute} id {token_id}, outside the vocabulary")
+        token = tok.convert_ids_to_tokens(token_id)
+        before = getattr(tok, attribute)
+        if before != token:
+            setattr(tok, attribute, token)
+            changes.append(f"{attribute} {before} -> {token}")
+    return changes
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize a GGUF causal LM into an fp32 Hugging Face folder (weights + tokenizer).
 
@@ -217,6 +255,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     del model
 
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename, local_files_only=True)
+    for change in align_special_tokens(tok, gguf_special_token_ids(gguf_path)):
+        logger.info("GGUF conversion: %s (as the file's metadata says)", change)
     if not tok.chat_template:
         raise RuntimeError(f"The tokenizer in {gguf_path} carries no chat template")
     if tok.pad_token is None:
