@@ -319,8 +319,7 @@ class _Decoder:
         positions = (mask.cumsum(-1) - 1).clamp(min=0) + skip
         cache = new_cache(self.model, self.device)
         if self.prefix is not None:
-            for layer, (keys, values) in enumerate(zip(self.prefix.keys, self.prefix.values, strict=True)):
-                cache.update(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1), layer)
+            self.prefix.fill(cache, len(rows))
             mask = torch.cat([mask.new_ones((len(rows), skip)), mask], dim=1)
         start = time.perf_counter()
         logits = self._forward(input_ids, mask, positions, cache)

@@ -25,7 +25,7 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 
     `model` is a causal LM, its decoder body, or a PEFT model wrapping one (whose own forward
     only passes keyword arguments on, so the wrapped model's signature is the one that counts)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return _keyword_of(type(base))
 
 

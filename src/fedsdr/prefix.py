@@ -38,7 +38,10 @@ class SharedPrefix:
     def cache(self, rows: int, config: object) -> DynamicCache:
         """A fresh cache holding the prefix for `rows` rows (one copy per row: DynamicCache stores
         what it is given by concatenation)."""
-        cache = DynamicCache(config=config)
+        return self.fill(DynamicCache(config=config), rows)
+
+    def fill(self, cache: DynamicCache, rows: int) -> DynamicCache:
+        """Put the prefix, for `rows` rows, into the empty `cache` (any DynamicCache); return it."""
         for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), layer)
         return cache
