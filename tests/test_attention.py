@@ -1,6 +1,8 @@
 """`model.attn_implementation`: the config picks transformers' attention, and every path that
 runs the model (training's loss and gradients, reference losses with the shared prefix, the
-generation engine) computes the same with it as with the default."""
+generation engine) computes the same with it as with SDPA. On a CPU "auto" picks
+`sdpa_recompute` (`fedsdr.models.attention`): SDPA itself for inference, its own backward for
+training."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from conftest import tiny_config
 from fedsdr.data.schema import Record
 from fedsdr.evaluate import reference_losses
 from fedsdr.generation import generate
+from fedsdr.models import attention
 from fedsdr.models.adapters import (
     AdapterSpec,
     adapter_parameters,
@@ -55,12 +58,63 @@ def _everything(impl: str) -> dict:
     }
 
 
-def test_the_configured_attention_computes_what_the_default_does() -> None:
-    default, eager = _everything("auto"), _everything("eager")
-    assert default["impl"] == "sdpa" and eager["impl"] == "eager"
-    assert eager["loss"] == pytest.approx(default["loss"], rel=1e-5)
-    for a, b in zip(default["grads"], eager["grads"], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    for (nll_a, n_a), (nll_b, n_b) in zip(default["reference"], eager["reference"], strict=True):
-        assert n_a == n_b and nll_a == pytest.approx(nll_b, rel=1e-5)
-    assert eager["texts"] == default["texts"]
+def test_the_configured_attention_computes_what_sdpa_does() -> None:
+    sdpa, auto, eager = _everything("sdpa"), _everything("auto"), _everything("eager")
+    assert (sdpa["impl"], auto["impl"], eager["impl"]) == ("sdpa", attention.RECOMPUTE, "eager")
+    for other in (auto, eager):
+        assert other["loss"] == pytest.approx(sdpa["loss"], rel=1e-5)
+        for a, b in zip(sdpa["grads"], other["grads"], strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        for (nll_a, n_a), (nll_b, n_b) in zip(sdpa["reference"], other["reference"], strict=True):
+            assert n_a == n_b and nll_a == pytest.approx(nll_b, rel=1e-5)
+        assert other["texts"] == sdpa["texts"]
+    # inference runs SDPA itself: not merely close
+    assert auto["reference"] == sdpa["reference"]
+
+
+class _Layer(torch.nn.Module):
+    num_key_value_groups = 3  # 9 query heads over 3 key/value heads, as SmolLM2's
+    is_causal = True
+
+
+def _attend(fn, query, key, value, mask, autocast: bool):  # noqa: ANN001, ANN202
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, _ = fn(_Layer(), query, key, value, mask, scaling=0.25)
+    return out
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "padded"])
+def test_recompute_attention_has_sdpas_values_and_gradients(autocast: bool, masked: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    batch, length, dim = 3, 7, 16
+    query = torch.randn(batch, 9, length, dim, generator=gen, requires_grad=True)
+    key, value = (torch.randn(batch, 3, length, dim, generator=gen, requires_grad=True) for _ in range(2))
+    mask, real = None, torch.ones(batch, length, dtype=torch.bool)
+    if masked:  # row 0 left-padded by 2, row 1 right-padded after 5
+        mask = torch.ones(batch, 1, length, length, dtype=torch.bool).tril()
+        mask[0, ..., :2] = False
+        mask[1, ..., 5:] = False
+        real[0, :2] = False
+    weights = torch.randn(batch, length, 9, dim, generator=gen) * real[:, :, None, None]  # padding: no loss
+    results = []
+    for fn in (attention.sdpa_attention_forward, attention.recompute_attention):
+        out = _attend(fn, query, key, value, mask, autocast)
+        results.append((out.float()[real], torch.autograd.grad((out.float() * weights).sum(), (query, key, value))))
+    (out_sdpa, grads_sdpa), (out_ours, grads_ours) = results
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}  # bf16 rounds to ~0.4%
+    torch.testing.assert_close(out_ours, out_sdpa, **tol)
+    for ours, theirs in zip(grads_ours, grads_sdpa, strict=True):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours / theirs.abs().max(), theirs / theirs.abs().max(), **tol)
+    assert torch.isfinite(grads_ours[0]).all()  # a padded row attends to nothing: no NaN
+
+
+def test_recompute_attention_without_a_gradient_is_sdpa_itself() -> None:
+    gen = torch.Generator().manual_seed(1)
+    query = torch.randn(2, 9, 5, 16, generator=gen, requires_grad=True)
+    key, value = (torch.randn(2, 3, 5, 16, generator=gen) for _ in range(2))
+    with torch.no_grad():
+        for autocast in (False, True):
+            ours = _attend(attention.recompute_attention, query, key, value, None, autocast)
+            assert torch.equal(ours, _attend(attention.sdpa_attention_forward, query, key, value, None, autocast))

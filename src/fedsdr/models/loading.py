@@ -20,6 +20,7 @@ from transformers import (
 from fedsdr.config import LoraSettings, ModelConfig
 from fedsdr.memory import checkpoint_maps, drop_mapped_pages
 from fedsdr.models.adapters import AdapterSpec, attach_adapters
+from fedsdr.models.attention import RECOMPUTE
 from fedsdr.train import compact_lora_dropout
 
 # oneDNN, behind torch's CPU bf16 matmuls, keeps a compiled primitive for each matmul shape it
@@ -103,9 +104,12 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
 
 def load_base_model(source: str, runtime: Runtime, attn_implementation: str = "auto") -> PreTrainedModel:
     """Load the base model frozen, in eval mode, on the runtime's device; `attn_implementation`
-    ("auto": the model's default) goes to transformers as it is."""
+    goes to transformers as it is, except "auto": the model's default, and on a CPU, where the
+    default is SDPA, SDPA with a matmul backward (`attention.RECOMPUTE`: the same inference)."""
     chosen = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
     model = AutoModelForCausalLM.from_pretrained(source, dtype=runtime.dtype, **chosen)
+    if attn_implementation == "auto" and runtime.device.type == "cpu" and model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(RECOMPUTE)
     model.to(runtime.device)
     model.requires_grad_(False)
     model.config.use_cache = True

@@ -1,0 +1,107 @@
+"""Attention for training on a CPU: SDPA's results, with a backward made of batched matmuls.
+
+torch's CPU flash-attention kernel (what `sdpa` runs there) has a slow backward: in a bf16
+LoRA step of SmolLM2 it took 18% of the step, against ~3% for its forward (`torch.profiler`,
+16 quickstart records in passes of 512 tokens). transformers' `eager` attention backpropagates
+with batched matmuls and is faster, but keeps every layer's attention probabilities for backward
+(+374 MiB at the quickstart's peak). `RECOMPUTE` keeps what flash attention keeps (the scaled
+queries, keys, values and the mask) and recomputes the probabilities in backward with one more
+matmul, like flash attention does, but over the whole (short) rows at once.
+
+Without a gradient to compute (generation, evaluation) it calls transformers' SDPA as it is, so
+inference computes exactly what `sdpa` computes; its masks are SDPA's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+RECOMPUTE = "sdpa_recompute"
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) v over grouped-query heads, in `dtype` (the autocast dtype
+    or the inputs'); the softmax in fp32 as transformers' eager attention has it."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # noqa: ANN001
+                bias: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        batch, heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        # the query heads that share a key/value head become rows of one matmul against it
+        ctx.input_dtypes = (query.dtype, key.dtype, value.dtype)
+        scaled = (query.to(dtype) * scale).reshape(batch, kv_heads, -1, dim)
+        key, value = key.to(dtype), value.to(dtype)
+        probs = _probabilities(scaled, key, bias)
+        out = torch.matmul(probs.to(dtype), value)
+        ctx.save_for_backward(scaled, key, value, bias)
+        ctx.scale = scale
+        return out.view(batch, heads, length, dim)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        scaled, key, value, bias = ctx.saved_tensors
+        dtype = scaled.dtype
+        grad = grad.to(dtype).reshape(scaled.shape)
+        probs = _probabilities(scaled, key, bias)
+        grad_value = torch.matmul(probs.to(dtype).transpose(-1, -2), grad)
+        grad_probs = torch.matmul(grad, value.transpose(-1, -2)).float()
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, dtype).to(dtype)
+        grad_query = torch.matmul(grad_scores, key).mul_(ctx.scale)
+        grad_key = torch.matmul(grad_scores.transpose(-1, -2), scaled)
+        query_dtype, key_dtype, value_dtype = ctx.input_dtypes
+        heads_shape = (scaled.shape[0], -1, bias.shape[-2], scaled.shape[-1])
+        return (grad_query.view(heads_shape).to(query_dtype), grad_key.to(key_dtype),
+                grad_value.to(value_dtype), None, None, None)
+
+
+def _probabilities(scaled: torch.Tensor, key: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """fp32 softmax of the scores, (batch, kv heads, groups x length, keys)."""
+    batch, kv_heads, rows, _ = scaled.shape
+    length, keys = bias.shape[-2:]
+    scores = torch.matmul(scaled, key.transpose(-1, -2)).view(batch, kv_heads, rows // length, length, keys)
+    scores.add_(bias.unsqueeze(2))
+    return torch.softmax(scores, -1, dtype=torch.float32).view(batch, kv_heads, rows, keys)
+
+
+def _additive(mask: torch.Tensor | None, length: int, keys: int, dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+    """An SDPA mask (boolean: True attends; float: added) as a float bias; None: causal. Masked
+    positions get the dtype's lowest finite value, so a row with nothing to attend to (padding)
+    averages instead of producing NaN."""
+    if mask is not None and mask.dtype != torch.bool:
+        return mask.to(dtype)
+    if mask is None:
+        mask = torch.ones(length, keys, dtype=torch.bool, device=device).tril_(keys - length)[None, None]
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def recompute_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                        **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: (batch, heads, length, dim) in, (batch, length, heads,
+    dim) out. SDPA itself where there is no gradient to compute, or where this does not apply
+    (attention dropout, position biases, a causal cache without a mask, heads that do not group)."""
+    length, keys = query.shape[2], key.shape[2]
+    wants_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if (not wants_grad or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+            or (attention_mask is None and length != keys) or query.shape[1] % key.shape[1]
+            or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1))):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    bias = _additive(attention_mask, length, keys, dtype, query.device)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = _RecomputedAttention.apply(query, key, value, bias, scale, dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(RECOMPUTE, recompute_attention)
+AttentionMaskInterface.register(RECOMPUTE, sdpa_mask)
