@@ -118,3 +118,25 @@ def test_recompute_attention_without_a_gradient_is_sdpa_itself() -> None:
         for autocast in (False, True):
             ours = _attend(attention.recompute_attention, query, key, value, None, autocast)
             assert torch.equal(ours, _attend(attention.sdpa_attention_forward, query, key, value, None, autocast))
+
+
+def _autograd_nodes(out: torch.Tensor) -> set[str]:
+    names, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None:
+            names.add(type(node).__name__)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_recompute_attention_leaves_long_rows_to_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(2)
+    query = torch.randn(2, 9, 6, 16, generator=gen, requires_grad=True)
+    key, value = (torch.randn(2, 3, 6, 16, generator=gen, requires_grad=True) for _ in range(2))
+    ours = _attend(attention.recompute_attention, query, key, value, None, False)
+    assert "_RecomputedAttentionBackward" in _autograd_nodes(ours)
+    monkeypatch.setattr(attention, "MAX_SCORES", 2 * 9 * 6 * 6 - 1)  # one score too many
+    ours = _attend(attention.recompute_attention, query, key, value, None, False)
+    assert "_RecomputedAttentionBackward" not in _autograd_nodes(ours)
+    assert torch.equal(ours, _attend(attention.sdpa_attention_forward, query, key, value, None, False))
