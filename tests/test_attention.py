@@ -140,3 +140,18 @@ def test_recompute_attention_leaves_long_rows_to_sdpa(monkeypatch: pytest.Monkey
     ours = _attend(attention.recompute_attention, query, key, value, None, False)
     assert "_RecomputedAttentionBackward" not in _autograd_nodes(ours)
     assert torch.equal(ours, _attend(attention.sdpa_attention_forward, query, key, value, None, False))
+
+
+def test_a_base_evaluation_under_sdpa_recompute_is_keyed_as_sdpas() -> None:
+    """Inference under `sdpa_recompute` is SDPA's, so cached round-0 evaluations stay valid."""
+    from fedsdr.evaluate import _base_key
+
+    cfg = tiny_config()
+    model, _, _, _ = shared_model(cfg.model, cfg.lora, [AdapterSpec("default", cfg.lora.r, cfg.lora.alpha)], 0)
+    base = model.get_base_model()
+    keys = {}
+    for impl in ("sdpa", attention.RECOMPUTE, "eager"):
+        base.set_attn_implementation(impl)
+        keys[impl] = _base_key("tiny", model, RECORDS, cfg.eval, "", 0, True)
+    base.set_attn_implementation(attention.RECOMPUTE)
+    assert keys["sdpa"] == keys[attention.RECOMPUTE] != keys["eager"]

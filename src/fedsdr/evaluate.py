@@ -28,6 +28,7 @@ from fedsdr.data.schema import Record
 from fedsdr.io import write_text_atomic
 from fedsdr.memory import release_freed_memory
 from fedsdr.models.adapters import adapters_off
+from fedsdr.models.attention import inference_attention
 from fedsdr.train import chat_messages, collate, encode, shared_prefix_of, token_nll
 
 # Rates (0/1 per record): binomial standard errors.
@@ -302,7 +303,8 @@ def _base_key(model_id: str, model: torch.nn.Module, records: Sequence[Record], 
     param = next(model.parameters())
     payload = {
         "version": 1, "model": model_id, "files": files, "dtype": str(param.dtype), "device": param.device.type,
-        "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
+        # what inference runs: a base evaluation under sdpa_recompute is SDPA's, to the bit
+        "attention": inference_attention(getattr(getattr(model, "config", None), "_attn_implementation", None)),
         "cfg": cfg.model_dump(mode="json", exclude=_NOT_IN_BASE_KEY), "system_prompt": system_prompt, "seed": seed, "generate": generate,
         "records": [r.to_json() for r in records], "torch": torch.__version__,
     }

@@ -109,5 +109,10 @@ def recompute_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     return out.transpose(1, 2).contiguous(), None
 
 
+def inference_attention(name: str | None) -> str | None:
+    """The attention inference runs under the implementation `name`: SDPA for `RECOMPUTE`."""
+    return "sdpa" if name == RECOMPUTE else name
+
+
 AttentionInterface.register(RECOMPUTE, recompute_attention)
 AttentionMaskInterface.register(RECOMPUTE, sdpa_mask)
