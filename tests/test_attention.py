@@ -155,3 +155,15 @@ def test_a_base_evaluation_under_sdpa_recompute_is_keyed_as_sdpas() -> None:
         keys[impl] = _base_key("tiny", model, RECORDS, cfg.eval, "", 0, True)
     base.set_attn_implementation(attention.RECOMPUTE)
     assert keys["sdpa"] == keys[attention.RECOMPUTE] != keys["eager"]
+
+
+def test_recompute_attention_leaves_a_bidirectional_layer_without_a_mask_to_sdpa() -> None:
+    gen = torch.Generator().manual_seed(3)
+    query = torch.randn(1, 9, 5, 16, generator=gen, requires_grad=True)
+    key, value = (torch.randn(1, 3, 5, 16, generator=gen) for _ in range(2))
+    layer = _Layer()
+    layer.is_causal = False
+    ours, _ = attention.recompute_attention(layer, query, key, value, None, scaling=0.25)
+    theirs, _ = attention.sdpa_attention_forward(layer, query, key, value, None, scaling=0.25)
+    assert "_RecomputedAttentionBackward" not in _autograd_nodes(ours)
+    assert torch.equal(ours, theirs)

@@ -91,12 +91,14 @@ def recompute_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                         **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: (batch, heads, length, dim) in, (batch, length, heads,
     dim) out. SDPA itself where there is no gradient to compute, where the scores are too many
-    (`MAX_SCORES`), or where this does not apply (attention dropout, position biases, a causal
-    cache without a mask, heads that do not group)."""
+    (`MAX_SCORES`), or where this does not apply (attention dropout, position biases, no mask
+    with a cache or a bidirectional layer, heads that do not group)."""
     length, keys = query.shape[2], key.shape[2]
     wants_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
     if (not wants_grad or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
-            or (attention_mask is None and length != keys) or query.shape[1] % key.shape[1]
+            or (attention_mask is None and (length != keys or not causal)) or query.shape[1] % key.shape[1]
             or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1))
             or query.shape[0] * query.shape[1] * length * keys > MAX_SCORES):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
