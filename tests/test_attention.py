@@ -58,7 +58,8 @@ def _everything(impl: str) -> dict:
     }
 
 
-def test_the_configured_attention_computes_what_sdpa_does() -> None:
+def test_the_configured_attention_computes_what_sdpa_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "SDPA_DTYPES", frozenset())  # the tiny config trains in fp32
     sdpa, auto, eager = _everything("sdpa"), _everything("auto"), _everything("eager")
     assert (sdpa["impl"], auto["impl"], eager["impl"]) == ("sdpa", attention.RECOMPUTE, "eager")
     for other in (auto, eager):
@@ -85,7 +86,9 @@ def _attend(fn, query, key, value, mask, autocast: bool):  # noqa: ANN001, ANN20
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("masked", [False, True], ids=["causal", "padded"])
-def test_recompute_attention_has_sdpas_values_and_gradients(autocast: bool, masked: bool) -> None:
+def test_recompute_attention_has_sdpas_values_and_gradients(autocast: bool, masked: bool,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "SDPA_DTYPES", frozenset())
     gen = torch.Generator().manual_seed(0)
     batch, length, dim = 3, 7, 16
     query = torch.randn(batch, 9, length, dim, generator=gen, requires_grad=True)
@@ -130,16 +133,17 @@ def _autograd_nodes(out: torch.Tensor) -> set[str]:
     return names
 
 
-def test_recompute_attention_leaves_long_rows_to_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recompute_attention_leaves_long_rows_and_fp32_to_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
     gen = torch.Generator().manual_seed(2)
     query = torch.randn(2, 9, 6, 16, generator=gen, requires_grad=True)
     key, value = (torch.randn(2, 3, 6, 16, generator=gen, requires_grad=True) for _ in range(2))
-    ours = _attend(attention.recompute_attention, query, key, value, None, False)
-    assert "_RecomputedAttentionBackward" in _autograd_nodes(ours)
+    for autocast, used in ((False, False), (True, True)):  # fp32: SDPA's flash kernel is as fast
+        ours = _attend(attention.recompute_attention, query, key, value, None, autocast)
+        assert ("_RecomputedAttentionBackward" in _autograd_nodes(ours)) is used
     monkeypatch.setattr(attention, "MAX_SCORES", 2 * 9 * 6 * 6 - 1)  # one score too many
-    ours = _attend(attention.recompute_attention, query, key, value, None, False)
+    ours = _attend(attention.recompute_attention, query, key, value, None, True)
     assert "_RecomputedAttentionBackward" not in _autograd_nodes(ours)
-    assert torch.equal(ours, _attend(attention.sdpa_attention_forward, query, key, value, None, False))
+    assert torch.equal(ours, _attend(attention.sdpa_attention_forward, query, key, value, None, True))
 
 
 def test_a_base_evaluation_under_sdpa_recompute_is_keyed_as_sdpas() -> None:

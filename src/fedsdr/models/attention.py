@@ -1,6 +1,6 @@
 """Attention for training on a CPU: SDPA's results, with a backward made of batched matmuls.
 
-torch's CPU flash-attention kernel (what `sdpa` runs there) has a slow backward: in a bf16
+torch's CPU flash-attention kernel (what `sdpa` runs there) has a slow bf16 backward: in a bf16
 LoRA step of SmolLM2 it took 18% of the step, against ~3% for its forward (`torch.profiler`,
 16 quickstart records in passes of 512 tokens). transformers' `eager` attention backpropagates
 with batched matmuls and is faster, but keeps every layer's attention probabilities for backward
@@ -26,6 +26,9 @@ RECOMPUTE = "sdpa_recompute"
 # matmuls and fp32 softmax temporaries outgrow the caches and the flash kernel is faster
 # (bf16, 2-core EPYC, jemalloc: 1.3-3.5x faster below, 0.4-0.8x from ~1.2M up).
 MAX_SCORES = 1 << 20
+# Compute dtypes whose flash kernel trains about as fast (fp32 on that CPU: 0.8-1.1x either way
+# for rows of 64-512 tokens): left to SDPA.
+SDPA_DTYPES: frozenset[torch.dtype] = frozenset({torch.float32})
 
 
 class _RecomputedAttention(torch.autograd.Function):
@@ -91,20 +94,20 @@ def recompute_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                         **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: (batch, heads, length, dim) in, (batch, length, heads,
     dim) out. SDPA itself where there is no gradient to compute, where the scores are too many
-    (`MAX_SCORES`), or where this does not apply (attention dropout, position biases, no mask
+    (`MAX_SCORES`), in a compute dtype whose flash kernel is fast enough (`SDPA_DTYPES`), or where this does not apply (attention dropout, position biases, no mask
     with a cache or a bidirectional layer, heads that do not group)."""
     length, keys = query.shape[2], key.shape[2]
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     wants_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     if (not wants_grad or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
             or (attention_mask is None and (length != keys or not causal)) or query.shape[1] % key.shape[1]
             or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1))
-            or query.shape[0] * query.shape[1] * length * keys > MAX_SCORES):
+            or query.shape[0] * query.shape[1] * length * keys > MAX_SCORES or dtype in SDPA_DTYPES):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    device = query.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     bias = _additive(attention_mask, length, keys, dtype, query.device)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = _RecomputedAttention.apply(query, key, value, bias, scale, dtype)
