@@ -38,7 +38,8 @@ class ModelConfig(_Section):
     attn_implementation: str = Field(
         "auto",
         description="transformers' attention implementation: 'auto' (the model's default: 'sdpa' for Llama; "
-        "on a CPU 'sdpa_recompute' in its place: SDPA for inference, a faster matmul backward for training), "
+        "on a CPU 'sdpa_recompute' in its place: SDPA for inference and fp32 training, a faster matmul backward "
+        "for bf16 training), "
         "'sdpa', 'eager', or another transformers accepts ('flash_attention_2' with flash-attn on CUDA...).",
     )
     cache_dir: str = Field("", description="Where bundled models are prepared; empty: ~/.cache/fedsdr.")

@@ -77,38 +77,49 @@ def _probabilities(scaled: torch.Tensor, key: torch.Tensor, bias: torch.Tensor) 
     return torch.softmax(scores, -1, dtype=torch.float32).view(batch, kv_heads, rows, keys)
 
 
-def _additive(mask: torch.Tensor | None, length: int, keys: int, dtype: torch.dtype,
-              device: torch.device) -> torch.Tensor:
-    """An SDPA mask (boolean: True attends; float: added) as a float bias; None: causal. Masked
-    positions get the dtype's lowest finite value, so a row with nothing to attend to (padding)
-    averages instead of producing NaN."""
+def _additive(mask: torch.Tensor | None, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An SDPA mask (boolean: True attends; float: added) as a float bias; None: causal (queries
+    and keys the same `length`). Masked positions get the dtype's lowest finite value, so a row
+    with nothing to attend to (padding) averages instead of producing NaN."""
     if mask is not None and mask.dtype != torch.bool:
         return mask.to(dtype)
     if mask is None:
-        mask = torch.ones(length, keys, dtype=torch.bool, device=device).tril_(keys - length)[None, None]
+        mask = torch.ones(length, length, dtype=torch.bool, device=device).tril_()[None, None]
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def _sdpa_does_it(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dtype: torch.dtype, dropout: float,
+                  kwargs: dict[str, Any]) -> bool:
+    """Whether the call is SDPA's: nothing to backpropagate, too many scores (`MAX_SCORES`), a
+    compute dtype whose flash kernel is fast enough (`SDPA_DTYPES`), or what the matmul path does
+    not handle (attention dropout, position biases, softcapping, heads that do not group, a mask
+    that is not one per row, no mask with a cache or in a bidirectional layer)."""
+    batch, heads, length, _ = query.shape
+    keys = key.shape[2]
+    if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        return True
+    if batch * heads * length * keys > MAX_SCORES or dtype in SDPA_DTYPES:
+        return True
+    if dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or heads % key.shape[1]:
+        return True
+    if attention_mask is not None:
+        return attention_mask.dim() != 4 or attention_mask.shape[1] != 1
+    causal = kwargs.get("is_causal")
+    return length != keys or not (getattr(module, "is_causal", True) if causal is None else causal)
 
 
 def recompute_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                         **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: (batch, heads, length, dim) in, (batch, length, heads,
-    dim) out. SDPA itself where there is no gradient to compute, where the scores are too many
-    (`MAX_SCORES`), in a compute dtype whose flash kernel is fast enough (`SDPA_DTYPES`), or where this does not apply (attention dropout, position biases, no mask
-    with a cache or a bidirectional layer, heads that do not group)."""
-    length, keys = query.shape[2], key.shape[2]
+    dim) out; SDPA itself wherever `_sdpa_does_it`."""
     device = query.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
-    wants_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    causal = kwargs.get("is_causal")
-    causal = getattr(module, "is_causal", True) if causal is None else causal
-    if (not wants_grad or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
-            or (attention_mask is None and (length != keys or not causal)) or query.shape[1] % key.shape[1]
-            or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1))
-            or query.shape[0] * query.shape[1] * length * keys > MAX_SCORES or dtype in SDPA_DTYPES):
+    if _sdpa_does_it(module, query, key, value, attention_mask, dtype, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    bias = _additive(attention_mask, length, keys, dtype, query.device)
+    bias = _additive(attention_mask, query.shape[2], dtype, query.device)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = _RecomputedAttention.apply(query, key, value, bias, scale, dtype)
     return out.transpose(1, 2).contiguous(), None
