@@ -5,11 +5,12 @@
 #   step:       bench_step.py, a training step as one pass (what pass_tokens = "auto" picks on a GPU)
 #               vs passes of 512 tokens (what it picks on a CPU), side by side;
 #   quickstart: the quickstart's FedSDR run (rewriting, two adapters, evaluation), timed, on the
-#               engine ENGINE names (ray: Flower's simulation engine, a share of the GPU per client).
+#               engine ENGINE names (ray: Flower's simulation engine, a share of the GPU per client);
+#   swiglu:     cuda_swiglu.py, the recomputing SwiGLU against autograd's, bitwise, on CUDA (seconds).
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (default results/bench/gpu)
 # Env: PYTHON (default .venv/bin/python); PARTS (default "round step quickstart", run in that order);
 #      ENGINE (inprocess or ray; default inprocess); RESUME=1 continues the quickstart run in OUT_DIR.
-# Writes round.{json,log}, step.{json,log}, fedsdr.log, fedsdr-metrics.jsonl, fedsdr-summary.json.
+# Writes round.{json,log}, step.{json,log}, swiglu.log, fedsdr.log, fedsdr-metrics.jsonl, fedsdr-summary.json.
 set -uo pipefail
 out=${1:-results/bench/gpu}
 py=${PYTHON:-.venv/bin/python}
@@ -31,6 +32,8 @@ for part in ${PARTS:-round step quickstart}; do
         | tee -a "$out/fedsdr.log"
       cp "$out/run-fedsdr/metrics.jsonl" "$out/fedsdr-metrics.jsonl" 2>/dev/null
       cp "$out/run-fedsdr/summary.json" "$out/fedsdr-summary.json" 2>/dev/null ;;
-    *) echo "gpu_check.sh: unknown part '$part' (round, step, quickstart)" >&2; exit 2 ;;
+    swiglu)
+      "$py" benchmarks/cuda_swiglu.py 2>&1 | tee "$out/swiglu.log" ;;
+    *) echo "gpu_check.sh: unknown part '$part' (round, step, quickstart, swiglu)" >&2; exit 2 ;;
   esac
 done
