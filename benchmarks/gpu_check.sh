@@ -6,11 +6,11 @@
 #               vs passes of 512 tokens (what it picks on a CPU), side by side;
 #   quickstart: the quickstart's FedSDR run (rewriting, two adapters, evaluation), timed, on the
 #               engine ENGINE names (ray: Flower's simulation engine, a share of the GPU per client);
-#   swiglu:     cuda_swiglu.py, the recomputing SwiGLU against autograd's, bitwise, on CUDA (seconds).
+#   gated_mlp:  cuda_gated_mlp.py, the gated MLP recomputing its activation against autograd, bitwise, on CUDA (seconds).
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (default results/bench/gpu)
 # Env: PYTHON (default .venv/bin/python); PARTS (default "round step quickstart", run in that order);
 #      ENGINE (inprocess or ray; default inprocess); RESUME=1 continues the quickstart run in OUT_DIR.
-# Writes round.{json,log}, step.{json,log}, swiglu.log, fedsdr.log, fedsdr-metrics.jsonl, fedsdr-summary.json.
+# Writes round.{json,log}, step.{json,log}, gated_mlp.log, fedsdr.log, fedsdr-metrics.jsonl, fedsdr-summary.json.
 set -uo pipefail
 out=${1:-results/bench/gpu}
 py=${PYTHON:-.venv/bin/python}
@@ -32,8 +32,8 @@ for part in ${PARTS:-round step quickstart}; do
         | tee -a "$out/fedsdr.log"
       cp "$out/run-fedsdr/metrics.jsonl" "$out/fedsdr-metrics.jsonl" 2>/dev/null
       cp "$out/run-fedsdr/summary.json" "$out/fedsdr-summary.json" 2>/dev/null ;;
-    swiglu)
-      "$py" benchmarks/cuda_swiglu.py 2>&1 | tee "$out/swiglu.log" ;;
-    *) echo "gpu_check.sh: unknown part '$part' (round, step, quickstart, swiglu)" >&2; exit 2 ;;
+    gated_mlp)
+      "$py" benchmarks/cuda_gated_mlp.py 2>&1 | tee "$out/gated_mlp.log" ;;
+    *) echo "gpu_check.sh: unknown part '$part' (round, step, quickstart, gated_mlp)" >&2; exit 2 ;;
   esac
 done

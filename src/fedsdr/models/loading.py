@@ -21,7 +21,7 @@ from fedsdr.config import LoraSettings, ModelConfig
 from fedsdr.memory import checkpoint_maps, drop_mapped_pages
 from fedsdr.models.adapters import AdapterSpec, attach_adapters
 from fedsdr.models.attention import RECOMPUTE
-from fedsdr.models.swiglu import recompute_swiglu
+from fedsdr.models.gated_mlp import recompute_gated_mlps
 from fedsdr.train import compact_lora_dropout
 
 # oneDNN, behind torch's CPU bf16 matmuls, keeps a compiled primitive for each matmul shape it
@@ -209,7 +209,7 @@ def shared_model(
         base = load_base_model(source, runtime, cfg.attn_implementation)
         model = attach_adapters(base, lora, specs, seed)
         compact_lora_dropout(model)  # a 1-byte mask for backward, fewer generator calls
-        recompute_swiglu(model)  # the MLP keeps two of its three intermediate tensors
+        recompute_gated_mlps(model)  # the MLP keeps two of its three intermediate tensors
         store_frozen_linears_for_autocast(model, runtime)
         model.to(runtime.device)
         copy_off_the_checkpoint(model, runtime)

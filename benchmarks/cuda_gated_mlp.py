@@ -1,8 +1,9 @@
-"""CUDA only (`gpu_check.sh`, part swiglu): the recomputing SwiGLU of `fedsdr.models.swiglu`
-against autograd's `silu(gate) * up`, to the bit, on the op (fp32, bf16) and in the tests'
-tiny LoRA model as `shared_model` loads it on CUDA (bf16 weights): outputs, losses, gradients.
+"""CUDA only (`gpu_check.sh`, part gated_mlp): the gated MLP of `fedsdr.models.gated_mlp`, which
+recomputes its activation in backward, against autograd's `act(gate) * up`, to the bit: on the op
+(SiLU and tanh-GELU, fp32 and bf16) and in the tests' tiny LoRA model as `shared_model` loads it
+on CUDA (bf16 weights): outputs, losses, gradients.
 
-    python benchmarks/cuda_swiglu.py
+    python benchmarks/cuda_gated_mlp.py
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def op_check(dtype: torch.dtype) -> bool:
-    from fedsdr.models.swiglu import silu_times
+def op_check(dtype: torch.dtype, name: str) -> bool:
+    from fedsdr.models.gated_mlp import act_times, activation_of
+
+    module = torch.nn.SiLU() if name == "silu" else torch.nn.GELU(approximate="tanh")
+    act = activation_of(module)
 
     torch.manual_seed(0)
     gate, up = torch.randn(2, 4, 96, 1536, device="cuda").to(dtype).unbind(0)
     upstream = torch.randn(4, 96, 1536, device="cuda").to(dtype)
     runs = []
-    for fn in (lambda g, u: torch.nn.functional.silu(g) * u, silu_times):
+    for fn in (lambda g, u: module(g) * u, lambda g, u: act_times(g, u, act)):
         g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
         out = fn(g, u)
         out.backward(upstream)
@@ -61,13 +65,14 @@ def model_check() -> tuple[bool, bool, str]:
 
 def main() -> int:
     if not torch.cuda.is_available():
-        print("cuda_swiglu.py: no CUDA device")
+        print("cuda_gated_mlp.py: no CUDA device")
         return 2
     ok = True
-    for dtype in (torch.float32, torch.bfloat16):
-        same = op_check(dtype)
-        ok &= same
-        print(f"op {dtype}: outputs and gradients bitwise equal: {same}")
+    for name in ("silu", "gelu-tanh"):
+        for dtype in (torch.float32, torch.bfloat16):
+            same = op_check(dtype, name)
+            ok &= same
+            print(f"op {name} x up, {dtype}: outputs and gradients bitwise equal: {same}")
     loss_same, grads_same, where = model_check()
     ok &= loss_same and grads_same
     print(f"tiny LoRA model ({where}): loss equal {loss_same}, LoRA gradients equal {grads_same}")

@@ -1,5 +1,6 @@
-"""The SwiGLU MLP that recomputes silu in backward (models/swiglu.py): installed on the model
-`shared_model` builds, the same loss and gradients to the bit, less kept for backward."""
+"""The gated MLP that recomputes its activation in backward (models/gated_mlp.py): installed on the
+model `shared_model` builds (SiLU) and on Gemma-style GELU MLPs, the same results to the bit, less
+kept for backward."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tiny_llama import tiny_lora_model
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from fedsdr.models.adapters import adapter_parameters
-from fedsdr.models.swiglu import recompute_swiglu, silu_times
+from fedsdr.models.gated_mlp import recompute_gated_mlps, silu_times
 from fedsdr.train import collate, encode, response_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,7 +55,7 @@ def test_the_models_mlps_recompute_silu_and_train_the_same(bf16) -> None:  # noq
     model, tok = tiny_lora_model("lora.dropout=0.0")
     mlps = [m for m in model.modules() if isinstance(m, LlamaMLP)]
     assert mlps and all(type(m) is not LlamaMLP and type(m).__name__ == "LlamaMLP" for m in mlps)
-    assert recompute_swiglu(model) == 0  # once is enough
+    assert recompute_gated_mlps(model) == 0  # once is enough
     batch = collate([encode(tok, r) for r in _records()], tok.pad_token_id)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     model.train()
@@ -79,17 +80,43 @@ def test_the_models_mlps_recompute_silu_and_train_the_same(bf16) -> None:  # noq
     assert kept_ref - kept == len(mlps) * batch["input_ids"].numel() * width * itemsize  # silu's output
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu", "silu"])
+def test_a_gemma_style_mlp_recomputes_its_activation_to_the_bit(act, dtype) -> None:  # noqa: ANN001
+    from transformers import GemmaConfig
+    from transformers.models.gemma.modeling_gemma import GemmaMLP
+
+    torch.manual_seed(0)
+    mlp = GemmaMLP(GemmaConfig(hidden_size=32, intermediate_size=96, hidden_act=act)).to(dtype)
+    x = torch.randn(3, 5, 32, dtype=dtype)
+    upstream = torch.randn(3, 5, 32, dtype=dtype)
+    model = torch.nn.Sequential(mlp)
+    runs = []
+    for recompute in (False, True):
+        if recompute:
+            assert recompute_gated_mlps(model) == 1 and type(mlp) is not GemmaMLP and type(mlp).__name__ == "GemmaMLP"
+        xi = x.clone().requires_grad_(True)
+        out, kept = _saved_bytes(lambda xi=xi: mlp(xi))
+        out.backward(upstream)
+        runs.append((out.detach(), xi.grad, [p.grad.clone() for p in mlp.parameters()], kept))
+        mlp.zero_grad(set_to_none=True)
+    (out_ref, gx_ref, gw_ref, kept_ref), (out, gx, gw, kept) = runs
+    assert torch.equal(out, out_ref) and torch.equal(gx, gx_ref)
+    assert all(torch.equal(a, b) for a, b in zip(gw, gw_ref, strict=True))
+    assert kept_ref - kept == x.shape[0] * x.shape[1] * 96 * x.element_size()  # the activation's output
+
+
 def test_an_mlp_of_another_shape_is_left_alone() -> None:
-    class GeluMLP(torch.nn.Module):
+    class ReluMLP(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.gate_proj, self.up_proj, self.down_proj = (torch.nn.Linear(4, 4) for _ in range(3))
-            self.act_fn = torch.nn.GELU()
+            self.act_fn = torch.nn.ReLU()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
-    class OtherForward(GeluMLP):
+    class OtherForward(ReluMLP):
         def __init__(self) -> None:
             super().__init__()
             self.act_fn = torch.nn.SiLU()
@@ -97,6 +124,13 @@ def test_an_mlp_of_another_shape_is_left_alone() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
 
-    model = torch.nn.Sequential(GeluMLP(), OtherForward())
-    assert recompute_swiglu(model) == 0
-    assert [type(m) for m in model] == [GeluMLP, OtherForward]
+    from transformers.activations import GELUTanh
+
+    class PythonGelu(ReluMLP):  # transformers' "gelu_python_tanh": its own formula, not torch's kernel
+        def __init__(self) -> None:
+            super().__init__()
+            self.act_fn = GELUTanh(use_gelu_tanh_python=True)
+
+    model = torch.nn.Sequential(ReluMLP(), OtherForward(), PythonGelu())
+    assert recompute_gated_mlps(model) == 0
+    assert [type(m) for m in model] == [ReluMLP, OtherForward, PythonGelu]

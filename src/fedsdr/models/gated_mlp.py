@@ -1,0 +1,122 @@
+"""A gated MLP (SwiGLU, GeGLU) that keeps two of its three intermediate tensors for backward.
+
+Llama-style MLPs compute `down_proj(act(gate_proj(x)) * up_proj(x))` with act = SiLU (Llama,
+Mistral, Qwen2/3, SmolLM2/3) or a GELU (Gemma). Autograd keeps the gate (for the activation's
+gradient), the activation's output and the up projection (for the product's): three tensors of
+the MLP's width per token and layer, the largest share of what a LoRA training pass keeps
+(SmolLM2: 270 of ~950 KiB per token in bf16, `benchmarks/bench_step.py`). Here the product is
+one autograd function that keeps the gate and the up projection and recomputes the activation in
+backward: the same operations on the same values, so the same results to the bit, for one
+activation more per layer in backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import activations
+
+# the forward this replaces, as transformers writes it (Llama, Mistral, Qwen2/3, SmolLM3, Gemma,
+# ...); an MLP whose forward reads otherwise is left alone
+_FORWARD = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
+
+
+def _silu_grad(grad: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.silu_backward(grad, gate)
+
+
+def _gelu_grad(approximate: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return lambda grad, gate: torch.ops.aten.gelu_backward(grad, gate, approximate=approximate)
+
+
+Activation = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+
+
+def activation_of(module: torch.nn.Module) -> Activation | None:
+    """(forward, backward) of an activation module that is exactly one of torch's SiLU or GELU
+    kernels, where `backward(grad, input)` is the kernel autograd runs; else None."""
+    if type(module) in (activations.SiLUActivation, torch.nn.SiLU):
+        return F.silu, _silu_grad
+    if type(module) is torch.nn.GELU:
+        approximate = module.approximate
+    elif type(module) is activations.GELUActivation and module.act is F.gelu:
+        approximate = "none"
+    elif (type(module) is getattr(activations, "GELUTanh", None) and isinstance(module.act, functools.partial)
+          and module.act.func is F.gelu and module.act.keywords == {"approximate": "tanh"} and not module.act.args):
+        approximate = "tanh"
+    else:
+        return None
+    return functools.partial(F.gelu, approximate=approximate), _gelu_grad(approximate)
+
+
+class _ActTimes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: Activation) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(gate, up)
+        ctx.act = act
+        return act[0](gate) * up
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        gate, up = ctx.saved_tensors
+        forward, backward = ctx.act
+        # what autograd computes for `act(gate) * up`: the product's two gradients, then act's
+        grad_gate = backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * forward(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up, None
+
+
+def act_times(gate: torch.Tensor, up: torch.Tensor, act: Activation) -> torch.Tensor:
+    """`act(gate) * up`; where autograd records it, the activation is recomputed in backward."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _ActTimes.apply(gate, up, act)
+    return act[0](gate) * up
+
+
+def silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up`, silu recomputed in backward (`act_times`)."""
+    return act_times(gate, up, (F.silu, _silu_grad))
+
+
+def _recomputing_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(act_times(self.gate_proj(x), self.up_proj(x), self._recomputed_act))
+
+
+_RECOMPUTING: dict[type, type] = {}
+
+
+def _is_gated_mlp(module: torch.nn.Module) -> bool:
+    if type(module) in _RECOMPUTING.values():
+        return False
+    if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return False
+    if activation_of(module.act_fn) is None:
+        return False
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return _FORWARD in re.sub(r"\s+", "", source)
+
+
+def recompute_gated_mlps(model: torch.nn.Module) -> int:
+    """Give every Llama-style gated MLP of `model` with a SiLU or GELU the recomputing product
+    (each instance's class becomes a subclass of its own with that forward, named the same);
+    returns how many."""
+    count = 0
+    for module in model.modules():
+        if _is_gated_mlp(module):
+            cls = type(module)
+            if cls not in _RECOMPUTING:
+                _RECOMPUTING[cls] = type(cls.__name__, (cls,), {"forward": _recomputing_forward,
+                                                                "__module__": __name__})
+            module._recomputed_act = activation_of(module.act_fn)  # a plain attribute: no submodule
+            module.__class__ = _RECOMPUTING[cls]
+            count += 1
+    return count
