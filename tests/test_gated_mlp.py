@@ -106,7 +106,7 @@ def test_a_gemma_style_mlp_recomputes_its_activation_to_the_bit(act, dtype) -> N
     assert kept_ref - kept == x.shape[0] * x.shape[1] * 96 * x.element_size()  # the activation's output
 
 
-def test_an_mlp_of_another_shape_is_left_alone() -> None:
+def test_only_mlps_that_return_the_product_of_a_known_activation_are_changed() -> None:
     class ReluMLP(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -131,6 +131,18 @@ def test_an_mlp_of_another_shape_is_left_alone() -> None:
             super().__init__()
             self.act_fn = GELUTanh(use_gelu_tanh_python=True)
 
-    model = torch.nn.Sequential(ReluMLP(), OtherForward(), PythonGelu())
-    assert recompute_gated_mlps(model) == 0
-    assert [type(m) for m in model] == [ReluMLP, OtherForward, PythonGelu]
+    class MoreAfter(OtherForward):  # the product and then something else: not to be dropped
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            return out * 2
+
+    class TheProduct(OtherForward):  # as transformers writes it, argument renamed: recomputed
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            """A docstring is fine."""
+            down_proj = self.down_proj(self.act_fn(self.gate_proj(hidden)) * self.up_proj(hidden))
+            return down_proj
+
+    model = torch.nn.Sequential(ReluMLP(), OtherForward(), PythonGelu(), MoreAfter(), TheProduct())
+    assert recompute_gated_mlps(model) == 1
+    assert [type(m) for m in model][:4] == [ReluMLP, OtherForward, PythonGelu, MoreAfter]
+    assert type(model[4]) is not TheProduct and isinstance(model[4], TheProduct)

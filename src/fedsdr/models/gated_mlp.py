@@ -12,9 +12,10 @@ activation more per layer in backward.
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
-import re
+import textwrap
 from collections.abc import Callable
 
 import torch
@@ -22,8 +23,9 @@ import torch.nn.functional as F
 from transformers import activations
 
 # the forward this replaces, as transformers writes it (Llama, Mistral, Qwen2/3, SmolLM3, Gemma,
-# ...); an MLP whose forward reads otherwise is left alone
-_FORWARD = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
+# ...): its whole body returns this expression (directly or through one variable); an MLP whose
+# forward does anything else is left alone
+_PRODUCT = "self.down_proj(self.act_fn(self.gate_proj({x})) * self.up_proj({x}))"
 
 
 def _silu_grad(grad: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -91,18 +93,32 @@ def _recomputing_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
 _RECOMPUTING: dict[type, type] = {}
 
 
+def _forward_is_the_product(cls: type) -> bool:
+    """Whether `cls.forward(self, x)` only returns `_PRODUCT` (read from its source)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    fn = tree.body[0] if tree.body else None
+    if not isinstance(fn, ast.FunctionDef) or len(fn.args.args) != 2 or fn.args.vararg or fn.args.kwarg:
+        return False
+    body = [st for st in fn.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
+    expected = _PRODUCT.format(x=fn.args.args[1].arg)
+    if len(body) == 1 and isinstance(body[0], ast.Return) and body[0].value is not None:
+        return ast.unparse(body[0].value) == expected
+    if (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
+            and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
+            and isinstance(body[1].value, ast.Name) and body[1].value.id == body[0].targets[0].id):
+        return ast.unparse(body[0].value) == expected
+    return False
+
+
 def _is_gated_mlp(module: torch.nn.Module) -> bool:
     if type(module) in _RECOMPUTING.values():
         return False
     if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return False
-    if activation_of(module.act_fn) is None:
-        return False
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return False
-    return _FORWARD in re.sub(r"\s+", "", source)
+    return activation_of(module.act_fn) is not None and _forward_is_the_product(type(module))
 
 
 def recompute_gated_mlps(model: torch.nn.Module) -> int:
