@@ -4,6 +4,7 @@
         [--passes 0,512,1024] [--checkpointing] [--json step.json]
     .venv/bin/python benchmarks/bench_step.py --config configs/quickstart-fedsdr.toml --passes 512 --frozen-dropout
     .venv/bin/python benchmarks/bench_step.py --passes 512 --attention sdpa,eager
+    .venv/bin/python benchmarks/bench_step.py --passes 512 --gated-mlp
 
 One batch of the config's `--records` longest training records (all clients; the bundled
 model and the quickstart by default) is trained for `--steps` optimizer steps with each
@@ -23,7 +24,9 @@ each adapter with the other one frozen (`train.dual_stream_steps`, both streams 
 batch, so twice the tokens). `--frozen-dropout` runs each setting with `fedsdr.frozen_dropout`
 off and on (the frozen adapter's LoRA dropout) and prints the speed ratio. `--attention`
 runs each setting with each `model.attn_implementation` given and prints the speed ratio and
-the peak's difference to the first.
+the peak's difference to the first. `--gated-mlp` runs each setting with the MLPs as transformers
+writes them and with `fedsdr.models.gated_mlp`'s (the activation recomputed in backward, what
+`shared_model` installs), and prints the speed ratio and the peaks' difference.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         fresh_adapter_state,
         set_adapter_state,
     )
+    from fedsdr.models.gated_mlp import plain_gated_mlps, recompute_gated_mlps
     from fedsdr.models.loading import shared_model
     from fedsdr.train import (
         collate,
@@ -94,6 +98,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load(args)
     algorithm = get_algorithm(cfg)
     model, tok, runtime, _ = shared_model(cfg.model, cfg.lora, algorithm.adapters(cfg), cfg.seed)
+    if args.gated_mlp_in_child == "plain":  # transformers' own MLPs, for the comparison
+        plain_gated_mlps(model)
+    else:
+        recompute_gated_mlps(model)  # as shared_model leaves them
     names = [spec.name for spec in algorithm.adapters(cfg)]
     data = build_federated_data(cfg.data, cfg.partition, cfg.seed)
     examples, _ = encode_all(tok, [r for c in data.clients for r in c.train], cfg.model.max_seq_len,
@@ -155,6 +163,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "adapters": names,
         "frozen_dropout": cfg.fedsdr.frozen_dropout if len(streams) > 1 else None,
         "attention": model.get_base_model().config._attn_implementation,
+        "gated_mlp": args.gated_mlp_in_child,
         "pass_tokens": budget,
         "gradient_checkpointing": train.gradient_checkpointing,
         "passes": len(passes(batch, budget)),
@@ -182,8 +191,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="two-adapter configs: each setting with fedsdr.frozen_dropout off and on")
     p.add_argument("--attention", default="",
                    help="model.attn_implementation values, comma-separated (e.g. sdpa,eager); default: the config's")
+    p.add_argument("--gated-mlp", action="store_true",
+                   help="each setting with transformers' MLPs and with the recomputing gated MLP")
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--gated-mlp-in-child", default="recomputing", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.gated_mlp and args.frozen_dropout:
+        p.error("--gated-mlp and --frozen-dropout each pair their runs: give one of them")
     allocator_as_fedsdr(args)
     if args.child_out:
         args.child_out.write_text(json.dumps(child(args)), encoding="utf-8")
@@ -192,13 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     out = console()
-    settings = [(int(v), ckpt, frozen, attn) for v in args.passes.split(",")
+    settings = [(int(v), ckpt, frozen, attn, mlp) for v in args.passes.split(",")
                 for ckpt in ((False, True) if args.checkpointing else (False,))
                 for attn in (args.attention.split(",") if args.attention else (None,))
-                for frozen in ((False, True) if args.frozen_dropout else (None,))]
+                for frozen in ((False, True) if args.frozen_dropout else (None,))
+                for mlp in (("plain", "recomputing") if args.gated_mlp else ("recomputing",))]
     results = []
-    for pass_tokens, ckpt, frozen, attn in settings:
-        argv = ["--config", args.config, "--records", str(args.records), "--steps", str(args.steps)]
+    for pass_tokens, ckpt, frozen, attn, mlp in settings:
+        argv = ["--config", args.config, "--records", str(args.records), "--steps", str(args.steps),
+                "--gated-mlp-in-child", mlp]
         extra = [] if frozen is None else [f"fedsdr.frozen_dropout={str(frozen).lower()}"]
         extra += [] if attn is None else [f'model.attn_implementation="{attn}"']
         for item in [*args.overrides, f"train.pass_tokens={pass_tokens}",
@@ -209,24 +225,29 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(title=f"one training step ({' + '.join(first['adapters'])}) on the {first['records']} longest "
                         f"training records ({first['tokens']} tokens, longest {first['longest']}; "
                         f"{first['compute_dtype']})")
-    for col in ("pass_tokens", "checkpointing", "attention", "frozen dropout", "passes", "s / step", "tokens/s",
+    for col in ("pass_tokens", "checkpointing", "attention", "frozen dropout", "MLP", "passes", "s / step", "tokens/s",
                 "peak RSS (MiB)", "RSS before", "kept for backward (KiB / token)", "ATen ops / step", "losses"):
         table.add_column(col, justify="right")
     for r in results:
         frozen = "-" if r["frozen_dropout"] is None else ("on" if r["frozen_dropout"] else "off")
         table.add_row(str(r["pass_tokens"]), "yes" if r["gradient_checkpointing"] else "no", r["attention"], frozen,
-                      str(r["passes"]),
+                      r["gated_mlp"], str(r["passes"]),
                       f"{r['seconds_per_step']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_mib']:.0f}",
                       f"{r['rss_before_mib']:.0f}", f"{r['saved_per_token_kib']:.0f}", str(r["ops_per_step"]),
                       " ".join(f"{x:.4f}" for x in r["losses"]))
     out.print(table)
+    for plain, recomputing in zip(results[::2], results[1::2], strict=False) if args.gated_mlp else ():
+        out.print(f"pass_tokens {plain['pass_tokens']}: recomputing / plain MLP = "
+                  f"{plain['seconds_per_step'] / recomputing['seconds_per_step']:.2f}x the speed, peak RSS "
+                  f"{recomputing['peak_rss_mib'] - plain['peak_rss_mib']:+.0f} MiB, kept for backward "
+                  f"{recomputing['saved_per_token_kib'] - plain['saved_per_token_kib']:+.0f} KiB per token")
     for off, on in zip(results[::2], results[1::2], strict=False) if args.frozen_dropout else ():
         out.print(f"pass_tokens {off['pass_tokens']}: frozen adapter's dropout off / on = "
                   f"{on['seconds_per_step'] / off['seconds_per_step']:.2f}x the speed")
     if args.attention and len(args.attention.split(",")) > 1:
         for r in results:
-            base = next(b for b in results if (b["pass_tokens"], b["gradient_checkpointing"], b["frozen_dropout"])
-                        == (r["pass_tokens"], r["gradient_checkpointing"], r["frozen_dropout"]))
+            key = ("pass_tokens", "gradient_checkpointing", "frozen_dropout", "gated_mlp")
+            base = next(b for b in results if all(b[k] == r[k] for k in key))
             if r is not base:
                 out.print(f"pass_tokens {r['pass_tokens']}, checkpointing {r['gradient_checkpointing']}: "
                           f"{r['attention']} / {base['attention']} = "

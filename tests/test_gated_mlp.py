@@ -13,7 +13,7 @@ from tiny_llama import tiny_lora_model
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from fedsdr.models.adapters import adapter_parameters
-from fedsdr.models.gated_mlp import recompute_gated_mlps, silu_times
+from fedsdr.models.gated_mlp import plain_gated_mlps, recompute_gated_mlps, silu_times
 from fedsdr.train import collate, encode, response_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -60,18 +60,16 @@ def test_the_models_mlps_recompute_silu_and_train_the_same(bf16) -> None:  # noq
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     model.train()
     results = []
-    recomputing = type(mlps[0])
     try:
-        for cls in (recomputing, LlamaMLP):
-            for m in mlps:
-                m.__class__ = cls
+        for recompute in (True, False):
+            if not recompute:
+                assert plain_gated_mlps(model) == len(mlps) and all(type(m) is LlamaMLP for m in mlps)
             (loss, _), kept = _saved_bytes(lambda: response_loss(model, batch, autocast))
             loss.backward()
             results.append((loss.detach(), [p.grad.clone() for p in adapter_parameters(model, "default")], kept))
             model.zero_grad(set_to_none=True)
     finally:
-        for m in mlps:
-            m.__class__ = recomputing
+        assert recompute_gated_mlps(model) == len(mlps)  # the shared model as it was
         model.eval()
     (loss, grads, kept), (loss_ref, grads_ref, kept_ref) = results
     assert torch.equal(loss, loss_ref) and all(torch.equal(a, b) for a, b in zip(grads, grads_ref, strict=True))

@@ -136,3 +136,15 @@ def recompute_gated_mlps(model: torch.nn.Module) -> int:
             module.__class__ = _RECOMPUTING[cls]
             count += 1
     return count
+
+
+def plain_gated_mlps(model: torch.nn.Module) -> int:
+    """Undo `recompute_gated_mlps` (for comparisons): each MLP gets its own class back; returns
+    how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) in _RECOMPUTING.values():
+            module.__class__ = type(module).__mro__[1]
+            del module._recomputed_act
+            count += 1
+    return count
