@@ -37,13 +37,14 @@ def _gelu_grad(approximate: str) -> Callable[[torch.Tensor, torch.Tensor], torch
 
 
 Activation = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+_SILU: Activation = (F.silu, _silu_grad)
 
 
 def activation_of(module: torch.nn.Module) -> Activation | None:
     """(forward, backward) of an activation module that is exactly one of torch's SiLU or GELU
     kernels, where `backward(grad, input)` is the kernel autograd runs; else None."""
     if type(module) in (activations.SiLUActivation, torch.nn.SiLU):
-        return F.silu, _silu_grad
+        return _SILU
     if type(module) is torch.nn.GELU:
         approximate = module.approximate
     elif type(module) is activations.GELUActivation and module.act is F.gelu:
@@ -83,7 +84,7 @@ def act_times(gate: torch.Tensor, up: torch.Tensor, act: Activation) -> torch.Te
 
 def silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up`, silu recomputed in backward (`act_times`)."""
-    return act_times(gate, up, (F.silu, _silu_grad))
+    return act_times(gate, up, _SILU)
 
 
 def _recomputing_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +94,9 @@ def _recomputing_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
 _RECOMPUTING: dict[type, type] = {}
 
 
+@functools.cache
 def _forward_is_the_product(cls: type) -> bool:
-    """Whether `cls.forward(self, x)` only returns `_PRODUCT` (read from its source)."""
+    """Whether `cls.forward(self, x)` only returns `_PRODUCT` (read from its source, once per class)."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
     except (OSError, TypeError, SyntaxError):
@@ -113,12 +115,14 @@ def _forward_is_the_product(cls: type) -> bool:
     return False
 
 
-def _is_gated_mlp(module: torch.nn.Module) -> bool:
+def _gated_activation(module: torch.nn.Module) -> Activation | None:
+    """The activation of a Llama-style gated MLP not yet recomputing, else None."""
     if type(module) in _RECOMPUTING.values():
-        return False
+        return None
     if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        return False
-    return activation_of(module.act_fn) is not None and _forward_is_the_product(type(module))
+        return None
+    act = activation_of(module.act_fn)
+    return act if act is not None and _forward_is_the_product(type(module)) else None
 
 
 def recompute_gated_mlps(model: torch.nn.Module) -> int:
@@ -127,12 +131,13 @@ def recompute_gated_mlps(model: torch.nn.Module) -> int:
     returns how many."""
     count = 0
     for module in model.modules():
-        if _is_gated_mlp(module):
+        act = _gated_activation(module)
+        if act is not None:
             cls = type(module)
             if cls not in _RECOMPUTING:
                 _RECOMPUTING[cls] = type(cls.__name__, (cls,), {"forward": _recomputing_forward,
                                                                 "__module__": __name__})
-            module._recomputed_act = activation_of(module.act_fn)  # a plain attribute: no submodule
+            module._recomputed_act = act  # a plain attribute: no submodule
             module.__class__ = _RECOMPUTING[cls]
             count += 1
     return count
