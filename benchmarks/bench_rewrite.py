@@ -24,6 +24,9 @@ round 1):
 - unshared: the engine with every prompt prefilled in full (`share_prefix=False`), where the
   engine runs the opening all rewrite prompts share (system turn, instruction) once per call:
   what that sharing saves.
+- onepass: the engine with each batch's prompts prefilled in one pass padded to the longest
+  (`split_prefill=False`), where the engine prefills rows of similar lengths together: what
+  that saves.
 
 Generated tokens are counted the same way for every path: the new tokens of each record up
 to and including its first stop id, cut at its budget (filler after a row finished is not
@@ -40,19 +43,20 @@ Flags:
     --set KEY=VALUE     config override, repeatable (e.g. --set distill.batch_size=8)
     --records N         records to rewrite (default 64, about one client)
     --batch-size B      batch of the bucketed path (default: distill.batch_size)
-    --paths LIST        comma-separated subset of engine,bucketed,continuous,loop,unshared (default all;
+    --paths LIST        comma-separated subset of engine,bucketed,continuous,loop,unshared,onepass (default all;
                         the engine always runs: the others are compared with it)
     --json PATH         also write every figure as JSON
 
 Usage:
     .venv/bin/python benchmarks/bench_rewrite.py [--config configs/quickstart.toml]
-        [--records 64] [--paths engine,bucketed,continuous,loop,unshared] [--json out.json]
+        [--records 64] [--paths engine,bucketed,continuous,loop,unshared,onepass] [--json out.json]
 """
 
 from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +74,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-PATHS = ("engine", "bucketed", "continuous", "loop", "unshared")
+PATHS = ("engine", "bucketed", "continuous", "loop", "unshared", "onepass")
 
 
 @dataclass
@@ -85,6 +89,8 @@ class PathResult:
     prefill_seconds: float = 0.0  # engine only: of `seconds`, the prompts' forward passes
     prompt_tokens: int = 0  # engine only
     shared_prefix_tokens: int = 0  # engine only: the prompt tokens all prompts start with, run once per call
+    prefill_passes: int = 0  # engine only: forward passes over the prompts (a call's similar lengths share one)
+    record_seconds: list[float] | None = None  # loop only: each record's own generate call
 
     @property
     def tokens_per_s(self) -> float:
@@ -138,7 +144,7 @@ def run_engine(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed: 
         rows = rewrite_records(model, tokenizer, records, dcfg, seed=seed, stats=stats)
     result = PathResult([r.rewrite for r in rows], [not r.truncated for r in rows], stats.new_tokens,
                         stats.seconds, stats.calls, stats.prefill_seconds, stats.prompt_tokens,
-                        stats.shared_prefix_tokens)
+                        stats.shared_prefix_tokens, stats.prefill_passes)
     return result, rows, elapsed()
 
 
@@ -257,10 +263,11 @@ def run_loop(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, stops: f
     import torch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
-    texts, counts, finished = [], [], []
+    texts, counts, finished, seconds = [], [], [], []
     with stopwatch() as elapsed, torch.inference_mode():
         ids, budgets = prompts_and_budgets(tokenizer, records, dcfg)
         for prompt, budget in zip(ids, budgets, strict=True):
+            start = time.perf_counter()
             input_ids = torch.tensor([prompt], device=model.device)
             out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                  max_new_tokens=budget, do_sample=False, eos_token_id=sorted(stops),
@@ -269,11 +276,14 @@ def run_loop(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, stops: f
             texts.append(text)
             counts.append(count)
             finished.append(done)
-    return PathResult(texts, finished, sum(counts), elapsed(), len(records))
+            seconds.append(time.perf_counter() - start)
+    return PathResult(texts, finished, sum(counts), elapsed(), len(records), record_seconds=seconds)
 
 
-def run_unshared(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed: int) -> PathResult:
-    """The engine's generation as `rewrite_records` calls it, but every prompt prefilled in full."""
+def run_variant(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed: int, **engine: bool) -> PathResult:
+    """The engine's generation as `rewrite_records` calls it, with one of its options turned off
+    (`share_prefix=False`: every prompt prefilled in full; `split_prefill=False`: a batch's
+    prompts prefilled in one padded pass)."""
     from fedsdr.distill import build_rewrite_messages
     from fedsdr.generation import GenerationStats, generate_detailed
 
@@ -281,9 +291,10 @@ def run_unshared(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed
     stats = GenerationStats()
     outputs = generate_detailed(model, tokenizer, [build_rewrite_messages(r, dcfg.template) for r in records],
                                 max_new_tokens=budgets, batch_size=dcfg.batch_size, do_sample=False, seed=seed,
-                                stats=stats, share_prefix=False)
+                                stats=stats, **engine)
     return PathResult([o.text.strip() for o in outputs], [o.finished for o in outputs], stats.new_tokens,
-                      stats.seconds, stats.calls, stats.prefill_seconds, stats.prompt_tokens)
+                      stats.seconds, stats.calls, stats.prefill_seconds, stats.prompt_tokens,
+                      prefill_passes=stats.prefill_passes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             if path == "continuous":
                 return run_continuous(cb_model, tokenizer, recs, d, batch_size, stops)
             if path == "unshared":
-                return run_unshared(model, tokenizer, recs, d, cfg.seed)
+                return run_variant(model, tokenizer, recs, d, cfg.seed, share_prefix=False)
+            if path == "onepass":
+                return run_variant(model, tokenizer, recs, d, cfg.seed, split_prefill=False)
             return run_loop(model, tokenizer, recs, d, stops)
 
         active = ["engine"] + [x for x in PATHS[1:] if x in paths and not (x == "continuous" and unavailable)]
@@ -382,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         "engine": {"tokens": engine.tokens, "seconds": engine.seconds, "tokens_per_s": engine.tokens_per_s,
                    "calls": engine.calls, "finished": sum(engine.finished),
                    "rewrite_records_wall_s": engine_wall, "prefill_seconds": engine.prefill_seconds,
-                   "prompt_tokens": engine.prompt_tokens, "shared_prefix_tokens": engine.shared_prefix_tokens},
+                   "prompt_tokens": engine.prompt_tokens, "shared_prefix_tokens": engine.shared_prefix_tokens,
+                   "prefill_passes": engine.prefill_passes},
     }
     for name, r in results.items():
         same = [a == b for a, b in zip(r.texts, engine.texts, strict=True)]
@@ -393,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
                          "different_ids": [rec.id for rec, s in zip(records, same, strict=True) if not s]}
         if r.prefill_seconds:
             figures[name]["prefill_seconds"] = r.prefill_seconds
+            figures[name]["prefill_passes"] = r.prefill_passes
+        if r.record_seconds:
+            slowest = max(range(len(r.record_seconds)), key=r.record_seconds.__getitem__)
+            figures[name]["slowest_record"] = {"id": records[slowest].id, "seconds": r.record_seconds[slowest]}
     if best:
         figures["best_library"] = best
         figures["engine_over_best_library"] = figures[best]["engine_speedup"]
@@ -410,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{engine.tokens / engine_wall:.1f}", "", "", "", "")
     labels = {"bucketed": f"model.generate, length-bucketed (batch {batch_size})",
               "continuous": "transformers continuous batching", "loop": "loop (batch 1)",
-              "unshared": "engine, each prompt prefilled in full"}
+              "unshared": "engine, each prompt prefilled in full",
+              "onepass": "engine, one padded prefill pass per batch"}
     for name, r in results.items():
         f = figures[name]
         table.add_row(labels[name], str(r.tokens), f"{r.seconds:.1f}", f"{r.tokens_per_s:.1f}",
@@ -432,7 +451,15 @@ def main(argv: list[str] | None = None) -> int:
         out.print(f"  8x the loop's tokens/s means the engine's {engine.tokens} tokens in {needed:.1f} s; its "
                   f"prefill alone ({engine.prompt_tokens} prompt tokens, of which a shared prefix of "
                   f"{engine.shared_prefix_tokens} run once per call; {engine.calls} calls) took "
-                  f"{engine.prefill_seconds:.1f} s of its {engine.seconds:.1f} s")
+                  f"{engine.prefill_seconds:.1f} s of its {engine.seconds:.1f} s ({engine.prefill_passes} passes)")
+        slowest = figures["loop"]["slowest_record"]
+        out.print(f"  the loop's slowest record alone took {slowest['seconds']:.1f} s: its tokens come one "
+                  "decoding step after another on every path, and a step of a batch costs at least a step of one row")
+    for name in ("unshared", "onepass"):
+        if name in results:
+            r = results[name]
+            out.print(f"  {labels[name]}: prefill {r.prefill_seconds:.1f} s in {r.prefill_passes} passes "
+                      f"(engine {engine.prefill_seconds:.1f} s in {engine.prefill_passes})")
     out.print(
         f"total {total_elapsed():.0f} s; threads {torch.get_num_threads()}, "
         f"load avg {machine()['load_avg_1m']:.2f}"

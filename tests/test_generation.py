@@ -279,3 +279,41 @@ def test_a_shared_prompt_prefix_runs_once_and_gives_the_same_greedy_text(model, 
     assert shared.prompt_tokens == full.prompt_tokens  # counted in full either way
     one = generate_detailed(model, tok, prompts[:1], max_new_tokens=budgets[0], stats=shared)
     assert one == plain[:1] and shared.shared_prefix_tokens == common  # one prompt: nothing to share
+
+
+def test_prefill_passes_pick_the_least_padded_work() -> None:
+    from fedsdr.generation import prefill_passes
+
+    # one pass: 50 + 4 x 100 = 450; the three short rows apart: (50 + 30) + (50 + 100) = 230
+    assert prefill_passes([10, 10, 10, 100], pass_tokens=50) == [[0, 1, 2], [3]]
+    assert prefill_passes([10, 10, 10, 100], pass_tokens=1000) == [[0, 1, 2, 3]]  # a pass costs more than the pads
+    assert prefill_passes([7] * 5, pass_tokens=0) == [[0, 1, 2, 3, 4]]  # nothing to save: one pass
+    assert prefill_passes([1, 2, 3], pass_tokens=0) == [[0], [1], [2]]
+    assert prefill_passes([], pass_tokens=8) == []
+    runs = prefill_passes([90, 95, 100, 140, 150, 160, 300, 310], pass_tokens=128)
+    assert [j for run in runs for j in run] == list(range(8)) and len(runs) == 3
+    with pytest.raises(ValueError, match="sorted"):
+        prefill_passes([3, 1])
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_prompts_prefilled_in_passes_of_similar_lengths_give_the_same_greedy_text(
+        model, tok, monkeypatch, share_prefix: bool) -> None:
+    """A batch of prompts is prefilled in several passes (rows of similar length), their caches
+    merged: fp32 greedy outputs equal those of one padded pass per batch, and of each prompt alone."""
+    import fedsdr.generation as engine
+
+    outputs, passes = {}, {}
+    for pass_tokens in (0, None):  # 0: a pass per prompt length; None: one pass per batch
+        monkeypatch.setattr(engine, "PASS_TOKENS", pass_tokens or 0)
+        stats = GenerationStats()
+        outputs[pass_tokens] = generate_detailed(model, tok, PROMPTS, max_new_tokens=BUDGETS, batch_size=8,
+                                                 share_prefix=share_prefix, split_prefill=pass_tokens is not None,
+                                                 stats=stats)
+        passes[pass_tokens] = (stats.calls, stats.prefill_passes)
+    calls, one_pass_each = passes[None]
+    assert one_pass_each == calls
+    assert passes[0][0] == calls and passes[0][1] > 2 * calls  # the same batches, more passes
+    assert outputs[0] == outputs[None]
+    single = [generate_detailed(model, tok, [p], max_new_tokens=b)[0] for p, b in zip(PROMPTS, BUDGETS, strict=True)]
+    assert outputs[0] == single
