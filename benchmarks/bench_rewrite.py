@@ -195,14 +195,22 @@ def continuous_model(model: Any, runtime: Any) -> Any:
     """The base model for continuous batching. Its paged KV cache takes the weights' dtype and
     its model runs in a background thread, outside the caller's autocast: where the runtime
     computes in another dtype than its weights (bf16 autocast over fp32 weights), a copy of
-    the base model in the compute dtype. Call it with the adapters disabled (the copy keeps
+    the base model in the compute dtype (and with SDPA where fedsdr trains with its own attention,
+    whose inference is SDPA's). Call it with the adapters disabled (the copy keeps
     them disabled)."""
     import copy
 
+    from fedsdr.models.attention import inference_attention
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if runtime.compute_dtype == base.dtype:
+    attention = base.config._attn_implementation
+    if runtime.compute_dtype == base.dtype and inference_attention(attention) == attention:
         return base
-    return copy.deepcopy(base).to(runtime.compute_dtype)
+    # a copy also where the model trains with fedsdr's own attention (which continuous batching
+    # refuses): the copy runs the attention inference runs
+    cb_model = copy.deepcopy(base).to(runtime.compute_dtype)
+    cb_model.set_attn_implementation(inference_attention(attention))
+    return cb_model
 
 
 def run_continuous(base: Any, tokenizer: Any, records: list[Any], dcfg: Any, batch_size: int,
