@@ -35,7 +35,8 @@ What it measures (all in one process, so the figures are ratios taken side by si
 (c) Against the loop users write today. The same sampled clients, records, batches, steps and
     batch size, trained by (1) fedsdr: one real federated round as in (a), and (2) TRL:
     `SFTTrainer` per client per round on a `peft` LoRA model (r/alpha/dropout from `[lora]`,
-    target modules q_proj and v_proj), fp32, gradient checkpointing, completion-only loss on
+    target modules q_proj and v_proj, or with `--trl-targets config` fedsdr's own
+    `lora.target_modules`), fp32, gradient checkpointing, completion-only loss on
     TRL's conversational prompt-completion format, a sequential sampler over the very batches
     fedsdr draws (so both train the same examples in the same batches), a new trainer per
     client per round (as the popular federated-LLM toolkits do) and a FedAvg of the adapters.
@@ -56,6 +57,11 @@ Flags:
                            the config's clients
     --repeats N            bare/federated pairs in (a) (default 2)
     --baseline WHICH       trl (default): run (c); none: skip it
+    --trl-targets WHICH    the TRL loop's LoRA target modules: q_proj,v_proj (default, the loop
+                           users write today) or config (fedsdr's `lora.target_modules`, all seven
+                           linears by default): both loops then train the same adapter. With
+                           `--set 'lora.target_modules=["q_proj","v_proj"]'` instead, fedsdr
+                           trains the TRL loop's adapter
     --json PATH            also write every figure as JSON
 
 Usage:
@@ -449,7 +455,7 @@ def child_fedsdr(cfg: Any, clients: list[int]) -> dict[str, Any]:
             "threads": torch.get_num_threads()}
 
 
-def child_trl(cfg: Any, clients: list[int]) -> dict[str, Any]:
+def child_trl(cfg: Any, clients: list[int], targets: list[str]) -> dict[str, Any]:
     """The loop users write today: TRL `SFTTrainer` per client per round, LoRA on q/v, fp32,
     gradient checkpointing, completion-only loss; FedAvg of the adapters."""
     import datasets
@@ -476,7 +482,7 @@ def child_trl(cfg: Any, clients: list[int]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = get_peft_model(model, LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+        target_modules=targets, task_type="CAUSAL_LM",
     ))
     initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     per_client = client_batches(cfg, tokenizer, clients, steps)
@@ -541,13 +547,19 @@ def run_child(args: Any, loop: str, clients: list[int], threads: int) -> dict[st
         out = Path(tmp) / "figures.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--config", args.config,
                "--records", args.records, "--child", loop, "--child-clients",
-               ",".join(map(str, clients)), "--child-threads", str(threads), "--child-out", str(out)]
+               ",".join(map(str, clients)), "--child-threads", str(threads), "--child-out", str(out),
+               "--trl-targets", args.trl_targets]
         for item in args.user_overrides:
             cmd += ["--set", item]
         # fedsdr's child inherits the allocator `fedsdr` would pick; the loop users write today
         # runs on the system's malloc
         subprocess.run(cmd, check=True, env=None if loop == "fedsdr" else system_allocator_env())
         return json.loads(out.read_text(encoding="utf-8"))
+
+
+def trl_targets(args: Any, cfg: Any) -> list[str]:
+    """The TRL loop's LoRA target modules (`--trl-targets`)."""
+    return list(cfg.lora.target_modules) if args.trl_targets == "config" else args.trl_targets.split(",")
 
 
 def child_main(args: Any, cfg: Any) -> int:
@@ -557,7 +569,10 @@ def child_main(args: Any, cfg: Any) -> int:
     clients = [int(x) for x in args.child_clients.split(",")]
     from fedsdr.memory import allocator
 
-    figures = (child_fedsdr if args.child == "fedsdr" else child_trl)(cfg, clients)
+    if args.child == "fedsdr":
+        figures = {**child_fedsdr(cfg, clients), "lora_targets": list(cfg.lora.target_modules)}
+    else:
+        figures = {**child_trl(cfg, clients, trl_targets(args, cfg)), "lora_targets": trl_targets(args, cfg)}
     figures["allocator"] = allocator()
     Path(args.child_out).write_text(json.dumps(figures), encoding="utf-8")
     return 0
@@ -590,6 +605,7 @@ def compare_loops(args: Any, clients: list[int], threads: int, out: Any) -> dict
         "train_tokens_per_s_ratio": fed["train_tokens_per_s"] / trl["train_tokens_per_s"],
         "peak_rss_ratio": fed["peak_rss"] / trl["peak_rss"],
         "same_target_tokens": fed["target_tokens"] == trl["target_tokens"],
+        "same_lora_targets": sorted(fed["lora_targets"]) == sorted(trl["lora_targets"]),
     }
     table = Table(title=f"(c) fedsdr vs TRL SFTTrainer per client per round, clients {clients}")
     for col in ("loop", "compute", "round wall (s)", "training calls (s)", "completion tokens",
@@ -610,7 +626,8 @@ def compare_loops(args: Any, clients: list[int], threads: int, out: Any) -> dict
     out.print(
         f"{describe_bf16(flags)}; compute dtype fedsdr {fed['compute_dtype']}, TRL {trl['compute_dtype']}; "
         f"allocator fedsdr {fed.get('allocator')}, TRL {trl.get('allocator')}; "
-        f"same completion tokens in both: {'yes' if figures['same_target_tokens'] else 'NO'}"
+        f"same completion tokens in both: {'yes' if figures['same_target_tokens'] else 'NO'}; LoRA on "
+        f"{','.join(fed['lora_targets'])} (fedsdr), {','.join(trl['lora_targets'])} (TRL)"
     )
     return figures
 
@@ -623,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
                    "word_sorting, iid (median response < 20 tokens)")
     p.add_argument("--baseline", choices=["trl", "none"], default="trl",
                    help="trl: also run TRL's SFTTrainer loop, each loop in its own child (default)")
+    p.add_argument("--trl-targets", default="q_proj,v_proj",
+                   help="the TRL loop's LoRA targets: q_proj,v_proj (default) or config (fedsdr's lora.target_modules)")
     for hidden in ("--child", "--child-clients", "--child-out"):  # internal: the (c) children
         p.add_argument(hidden, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-threads", type=int, default=1, help=argparse.SUPPRESS)
