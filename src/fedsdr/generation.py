@@ -166,8 +166,10 @@ def generate_detailed(
     rewrite instruction) run through the model once, and each prompt's prefill covers only what
     follows (`fedsdr.prefix`); the same attention, up to rounding. Off: each prompt in full.
 
-    `split_prefill`: the prompts a batch takes in are prefilled in passes of similar lengths
-    (`prefill_passes`) rather than in one pass padded to the longest. Off: one pass per batch."""
+    `split_prefill`: on a CPU, the prompts a batch takes in are prefilled in passes of similar
+    lengths (`prefill_passes`) rather than in one pass padded to the longest. Off, and on other
+    devices (where a pass costs launches more than padding costs compute; not measured there):
+    one pass per batch."""
     if not 0.0 <= repeat_stop <= 1.0:
         raise ValueError(f"repeat_stop must be a share in [0, 1] (0: off), got {repeat_stop}")
     n = len(prompts)
@@ -206,7 +208,7 @@ def generate_detailed(
             decoder = _Decoder(model, device, stop_ids, pad_id, do_sample, temperature, top_p,
                                torch.Generator(device=device).manual_seed(seed), repeat_stop,
                                number_token_ids(tokenizer) if repeat_stop and numbers_alike else frozenset(),
-                               prefix, PASS_TOKENS if split_prefill else None)
+                               prefix, PASS_TOKENS if split_prefill and device.type == "cpu" else None)
             decoder.prefill_seconds = prefix_seconds  # the shared prefix's forward is prefill too
             decoder.run([(i, ids[i], budgets[i]) for i in order], batch_size, done)
             calls, passes, prefill_seconds = decoder.prefills, decoder.prefill_passes, decoder.prefill_seconds
@@ -291,7 +293,7 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
 
 # What one more prefill pass costs beyond its tokens, in prompt tokens' worth of time (python,
 # masks, the LM head row): ~60 ms against ~0.42 ms per token for SmolLM2-135M in bf16 on the
-# 2-core EPYC (ad-hoc timing of passes of 1-32 rows x 64-312 tokens).
+# 2-core EPYC (ad-hoc timing of passes of 1-32 rows x 64-312 tokens). Used on CPUs only.
 PASS_TOKENS = 128
 
 
