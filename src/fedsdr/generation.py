@@ -347,17 +347,13 @@ class _Decoder:
         order of `rows`."""
         skip = self.prefix.length if self.prefix is not None else 0
         lengths = [len(ids) - skip for _, ids, _ in rows]
-        merged = None
-        for group in ([list(range(len(rows)))] if self.pass_tokens is None
-                      else prefill_passes(lengths, self.pass_tokens)):
-            part = self._prefill_pass([rows[j] for j in group])
-            if merged is None:
-                merged = part
-                continue
-            cache, mask = _merge(merged[0], merged[1], part[0], part[1])
-            merged = (cache, mask, torch.cat([merged[2], part[2]]), torch.cat([merged[3], part[3]]))
+        groups = [list(range(len(rows)))] if self.pass_tokens is None else prefill_passes(lengths, self.pass_tokens)
+        parts = [self._prefill_pass([rows[j] for j in group]) for group in groups]
         self.prefills += 1
-        return merged
+        if len(parts) == 1:
+            return parts[0]
+        cache, mask = _stack([(part[0], part[1]) for part in parts])
+        return cache, mask, torch.cat([part[2] for part in parts]), torch.cat([part[3] for part in parts])
 
     def _prefill_pass(self, rows: list[tuple[int, list[int], int]]):  # noqa: ANN202
         skip = self.prefix.length if self.prefix is not None else 0
@@ -390,11 +386,12 @@ class _Decoder:
             # Refill once half the slots are free: one prefill serves several new rows.
             if queue and len(live) <= batch_size // 2:
                 take, queue = queue[: batch_size - len(live)], queue[batch_size - len(live):]
-                take.sort(key=lambda row: len(row[1]))  # similar lengths share a prefill pass
+                if self.pass_tokens is not None:
+                    take.sort(key=lambda row: len(row[1]))  # similar lengths share a prefill pass
                 new_cache, new_mask, new_pos, new_logits = self._prefill(take)
                 live_new = [(i, budget) for i, _, budget in take]
                 if live:
-                    cache, mask = _merge(cache, mask, new_cache, new_mask)
+                    cache, mask = _stack([(cache, mask), (new_cache, new_mask)])
                     next_pos = torch.cat([next_pos, new_pos])
                     logits = torch.cat([logits, new_logits])
                     live = live + live_new
@@ -428,25 +425,30 @@ class _Decoder:
             next_pos = next_pos + 1
 
 
-def _merge(cache_a: DynamicCache, mask_a: torch.Tensor, cache_b: DynamicCache, mask_b: torch.Tensor):  # noqa: ANN202
-    """Stack two caches on the batch axis, left-padding the shorter one (masked out)."""
-    for cache in (cache_a, cache_b):
+def _stack(parts: Sequence[tuple[DynamicCache, torch.Tensor]]) -> tuple[DynamicCache, torch.Tensor]:
+    """Stack (cache, mask) pairs on the batch axis into the first cache, each left-padded to the
+    widest (padding masked out); every layer is written once into its stacked tensors."""
+    for cache, _ in parts:
         getattr(cache, "room", {}).clear()  # each layer's old room goes once it is copied
-    width = max(mask_a.shape[1], mask_b.shape[1])
+    width = max(mask.shape[1] for _, mask in parts)
+    rows = [mask.shape[0] for _, mask in parts]
 
-    def pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-        if n == 0:
-            return t
-        shape = list(t.shape)
-        shape[dim] = n
-        return torch.cat([t.new_zeros(shape), t], dim=dim)
+    def stacked(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+        shape = list(tensors[0].shape)
+        shape[0], shape[dim] = sum(rows), width
+        out = tensors[0].new_zeros(shape)
+        start = 0
+        for t in tensors:
+            out.narrow(0, start, t.shape[0]).narrow(dim, width - t.shape[dim], t.shape[dim]).copy_(t)
+            start += t.shape[0]
+        return out
 
-    for layer_a, layer_b in zip(cache_a.layers, cache_b.layers, strict=True):
-        na, nb = width - layer_a.keys.shape[-2], width - layer_b.keys.shape[-2]
-        layer_a.keys = torch.cat([pad(layer_a.keys, na, -2), pad(layer_b.keys, nb, -2)])
-        layer_a.values = torch.cat([pad(layer_a.values, na, -2), pad(layer_b.values, nb, -2)])
-    mask = torch.cat([pad(mask_a, width - mask_a.shape[1], 1), pad(mask_b, width - mask_b.shape[1], 1)])
-    return cache_a, mask
+    first = parts[0][0]
+    for j, layer in enumerate(first.layers):
+        layers = [cache.layers[j] for cache, _ in parts]
+        layer.keys = stacked([x.keys for x in layers], -2 % layer.keys.dim())
+        layer.values = stacked([x.values for x in layers], -2 % layer.values.dim())
+    return first, stacked([mask for _, mask in parts], 1)
 
 
 def _trim_left(mask: torch.Tensor, cache: DynamicCache):  # noqa: ANN202
