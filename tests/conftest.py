@@ -1,13 +1,23 @@
-"""Shared fixtures: a tiny random model, small configs, no hub access, no progress bars."""
+"""Shared fixtures: a tiny random model, small configs, no hub access, no progress bars, a
+cache of the session's own."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["FEDSDR_PROGRESS"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# fedsdr's cache (rewrites, base-model evaluations) in a folder of this test session, not in
+# ~/.cache/fedsdr: a rerun on the same machine would otherwise read an earlier run's rewrites
+# instead of computing them (their keys are deterministic), and tests would leave files there.
+_CACHE = tempfile.mkdtemp(prefix="fedsdr-test-cache-")
+os.environ["FEDSDR_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 
