@@ -456,8 +456,9 @@ def child_fedsdr(cfg: Any, clients: list[int]) -> dict[str, Any]:
 
 
 def child_trl(cfg: Any, clients: list[int], targets: list[str]) -> dict[str, Any]:
-    """The loop users write today: TRL `SFTTrainer` per client per round, LoRA on q/v, fp32,
-    gradient checkpointing, completion-only loss; FedAvg of the adapters."""
+    """The loop users write today: TRL `SFTTrainer` per client per round, LoRA on `targets` (q/v
+    unless `--trl-targets` says otherwise), fp32, gradient checkpointing, completion-only loss;
+    FedAvg of the adapters."""
     import datasets
     import torch
     import transformers
@@ -470,6 +471,7 @@ def child_trl(cfg: Any, clients: list[int], targets: list[str]) -> dict[str, Any
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
+    from fedsdr.models.adapters import peft_targets
     from fedsdr.models.resolve import resolve_model_path
     from fedsdr.train import chat_messages
 
@@ -482,7 +484,7 @@ def child_trl(cfg: Any, clients: list[int], targets: list[str]) -> dict[str, Any
     torch.manual_seed(cfg.seed)
     model = get_peft_model(model, LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=targets, task_type="CAUSAL_LM",
+        target_modules=peft_targets(targets), task_type="CAUSAL_LM",
     ))
     initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     per_client = client_batches(cfg, tokenizer, clients, steps)
@@ -572,7 +574,8 @@ def child_main(args: Any, cfg: Any) -> int:
     if args.child == "fedsdr":
         figures = {**child_fedsdr(cfg, clients), "lora_targets": list(cfg.lora.target_modules)}
     else:
-        figures = {**child_trl(cfg, clients, trl_targets(args, cfg)), "lora_targets": trl_targets(args, cfg)}
+        targets = trl_targets(args, cfg)
+        figures = {**child_trl(cfg, clients, targets), "lora_targets": targets}
     figures["allocator"] = allocator()
     Path(args.child_out).write_text(json.dumps(figures), encoding="utf-8")
     return 0

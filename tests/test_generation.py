@@ -303,9 +303,9 @@ def test_prompts_prefilled_in_passes_of_similar_lengths_give_the_same_greedy_tex
     merged: fp32 greedy outputs equal those of one padded pass per batch, and of each prompt alone."""
     import fedsdr.generation as engine
 
+    monkeypatch.setattr(engine, "PASS_TOKENS", 0)  # split: a pass per prompt length
     outputs, passes = {}, {}
-    for pass_tokens in (0, None):  # 0: a pass per prompt length; None: one pass per batch
-        monkeypatch.setattr(engine, "PASS_TOKENS", pass_tokens or 0)
+    for pass_tokens in (0, None):  # None: split_prefill off, one pass per batch
         stats = GenerationStats()
         outputs[pass_tokens] = generate_detailed(model, tok, PROMPTS, max_new_tokens=BUDGETS, batch_size=8,
                                                  share_prefix=share_prefix, split_prefill=pass_tokens is not None,

@@ -342,8 +342,8 @@ class _Decoder:
         return out.logits[:, -1, :]
 
     def _prefill(self, rows: list[tuple[int, list[int], int]]):  # noqa: ANN202
-        """Prefill `rows` (sorted by prompt length) in passes of similar lengths
-        (`prefill_passes`; one pass when `pass_tokens` is None), stacked into one cache in the
+        """Prefill `rows` in passes of similar lengths (`prefill_passes`, which takes them sorted
+        by prompt length; one pass when `pass_tokens` is None), stacked into one cache in the
         order of `rows`."""
         skip = self.prefix.length if self.prefix is not None else 0
         lengths = [len(ids) - skip for _, ids, _ in rows]
@@ -446,8 +446,8 @@ def _stack(parts: Sequence[tuple[DynamicCache, torch.Tensor]]) -> tuple[DynamicC
     first = parts[0][0]
     for j, layer in enumerate(first.layers):
         layers = [cache.layers[j] for cache, _ in parts]
-        layer.keys = stacked([x.keys for x in layers], -2 % layer.keys.dim())
-        layer.values = stacked([x.values for x in layers], -2 % layer.values.dim())
+        layer.keys = stacked([x.keys for x in layers], -2)
+        layer.values = stacked([x.values for x in layers], -2)
     return first, stacked([mask for _, mask in parts], 1)
 
 

@@ -28,6 +28,11 @@ from fedsdr.io import atomic_dir
 AdapterState = dict[str, np.ndarray]
 
 
+def peft_targets(targets: list[str]) -> str | list[str]:
+    """`lora.target_modules` as peft's `LoraConfig` takes it: ["all-linear"] is its string "all-linear"."""
+    return "all-linear" if targets == ["all-linear"] else list(targets)
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """One named LoRA adapter: rank and alpha may differ per adapter; target modules are shared."""
@@ -37,12 +42,11 @@ class AdapterSpec:
     alpha: float
 
     def lora_config(self, lora: LoraSettings) -> LoraConfig:
-        targets = lora.target_modules
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=lora.dropout,
-            target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+            target_modules=peft_targets(lora.target_modules),
             bias="none",
             task_type="CAUSAL_LM",
         )
