@@ -128,7 +128,15 @@ def cpu_bf16() -> dict[str, Any]:
 
     limits = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
                                          "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
-    return {**found, "native": any(found.values()), "in_use": cpu_supports_bf16(), "limits": limits}
+    in_use = cpu_supports_bf16()
+    out = {**found, "native": any(found.values()), "in_use": in_use, "limits": limits}
+    if in_use:  # what `compute_dtype = "auto"` decided from this machine's matmul timing
+        from fedsdr.models.cache import default_cache_dir
+        from fedsdr.models.cpu_dtype import bf16_pays_off, cpu_matmul_probe
+
+        probe = cpu_matmul_probe(default_cache_dir())
+        out.update(bf16_speedup=probe.bf16_speedup, auto_computes_in_bf16=bf16_pays_off(probe))
+    return out
 
 
 def describe_bf16(flags: dict[str, Any]) -> str:
@@ -138,6 +146,9 @@ def describe_bf16(flags: dict[str, Any]) -> str:
     if flags["native"] and not flags["in_use"]:
         limits = " ".join(f"{k}={v}" for k, v in flags["limits"].items()) or "the environment"
         text += f", turned off by {limits}: an fp32-only CPU emulated"
+    if "bf16_speedup" in flags:
+        text += (f"; bf16 matmuls {flags['bf16_speedup']:.2f}x fp32 here, so compute_dtype \"auto\" is "
+                 f"{'bf16' if flags['auto_computes_in_bf16'] else 'fp32'}")
     return text
 
 

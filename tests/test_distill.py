@@ -286,6 +286,7 @@ def test_cache_key_covers_inputs() -> None:
         cache_key("m", None, [MATH, FAQ], DistillConfig(template={"system": "Be terse."})),
         cache_key("m", None, [MATH, FAQ], DistillConfig(temperature=0.5)),
         cache_key("m", None, [MATH, FAQ], cfg, seed=1),
+        cache_key("m", None, [MATH, FAQ], cfg, compute="torch.bfloat16"),
     ]
     assert len({base, *changed}) == len(changed) + 1
 

@@ -312,3 +312,24 @@ def test_a_base_model_evaluation_runs_without_the_adapters_and_gives_the_same_re
         for h in hooks:
             h.remove()
     assert skipped == with_adapter  # the same losses, scores and generated texts, exactly
+
+
+def test_a_cached_base_evaluation_is_reused_only_under_the_same_compute_dtype(tiny, tmp_path: Path) -> None:
+    """bf16 and fp32 evaluations of one model differ (rounding): each is cached under its own key."""
+    import contextlib
+
+    from fedsdr.evaluate import Evaluator
+
+    model, tok, _ = tiny
+    records = [Record(id=f"r{i}", instruction=f"Name {i} colours.", output="Red, green.", domain="faq")
+               for i in range(3)]
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    cfg = EvalConfig()
+    fp32_eval = Evaluator(model, tok, contextlib.nullcontext, cfg, "tiny", cache_dir=tmp_path)
+    bf16_eval = Evaluator(model, tok, bf16, cfg, "tiny", cache_dir=tmp_path)
+    fp32_result, _ = fp32_eval(records, generate=False, base_model=True)
+    bf16_result, _ = bf16_eval(records, generate=False, base_model=True)
+    assert len(list((tmp_path / "eval").glob("base-*.json"))) == 2
+    assert bf16_result != fp32_result  # computed in bf16, not read from the fp32 entry
+    assert fp32_eval(records, generate=False, base_model=True)[0] == fp32_result
+    assert len(list((tmp_path / "eval").glob("base-*.json"))) == 2

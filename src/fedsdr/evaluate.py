@@ -273,7 +273,8 @@ class Evaluator:
 
         if not (base_model and self.cache_dir is not None):
             return compute()
-        key = _base_key(self.model_id, self.model, records, self.cfg, self.system_prompt, self.seed, generate)
+        key = _base_key(self.model_id, self.model, records, self.cfg, self.system_prompt, self.seed, generate,
+                       compute=_autocast_dtype(self.autocast, self.model))
         path = self.cache_dir / "eval" / f"base-{key[:24]}.json"
         if path.exists():
             try:
@@ -293,16 +294,25 @@ _NOT_IN_BASE_KEY = {"clients", "every_round", "generate_every", "suites", "gener
                     "general_few_shot", "general_tasks"}
 
 
+def _autocast_dtype(autocast: Callable, model: torch.nn.Module) -> str:
+    """The dtype `autocast` runs the model's matmuls in ('' without autocast)."""
+    device = next(model.parameters()).device.type
+    with autocast():
+        return str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else ""
+
+
 def _base_key(model_id: str, model: torch.nn.Module, records: Sequence[Record], cfg: EvalConfig, system_prompt: str,
-              seed: int, generate: bool) -> str:
+              seed: int, generate: bool, compute: str = "") -> str:
     """sha256 over what determines a base-model evaluation: the model (its weight files' names,
-    sizes and times when it is a folder), dtypes, the records, the settings."""
+    sizes and times when it is a folder), dtypes (the parameters' and `compute`, the autocast
+    dtype), the records, the settings."""
     folder = Path(model_id)
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")) \
         if folder.is_dir() else []
     param = next(model.parameters())
     payload = {
         "version": 1, "model": model_id, "files": files, "dtype": str(param.dtype), "device": param.device.type,
+        "compute": compute,
         # what inference runs: a base evaluation under sdpa_recompute is SDPA's, to the bit
         "attention": inference_attention(getattr(getattr(model, "config", None), "_attn_implementation", None)),
         "cfg": cfg.model_dump(mode="json", exclude=_NOT_IN_BASE_KEY), "system_prompt": system_prompt, "seed": seed, "generate": generate,

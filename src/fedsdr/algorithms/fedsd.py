@@ -76,7 +76,8 @@ def client_distilled_set(
         rows = read_rows(run_copy)
     else:
         fingerprint = _fingerprint(global_state) if use_global else None
-        key = cache_key(cfg.model.name, fingerprint, session.data.train, cfg.distill, seed=cfg.seed)
+        key = cache_key(cfg.model.name, fingerprint, session.data.train, cfg.distill, seed=cfg.seed,
+                        compute=str(session.runtime.compute_dtype))
         rows = refilter(load_or_rewrite(session.cache_dir / "distill", key, compute)[0], cfg.distill.filters)
         write_json_atomic(session.disk.distill_diagnostics(source_round), summarize(rows))
         write_text_atomic(run_copy, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rows))

@@ -12,7 +12,7 @@ from fedsdr.distill.diagnostics import summarize
 from fedsdr.distill.engine import DistillConfig, DistilledRow
 from fedsdr.io import write_json_atomic, write_text_atomic
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the compute dtype is in the key
 # Settings that do not change what a rewrite pass generates (the filters are applied again to
 # cached rows, so the "paper" and "safe" profiles share one pass).
 _NOT_IN_KEY = {"enabled", "refresh_every", "filters"}
@@ -25,12 +25,15 @@ def cache_key(
     cfg: DistillConfig,
     *,
     seed: int = 0,
+    compute: str = "",
 ) -> str:
-    """sha256 over the model, the adapter, every record, the template, the generation settings
-    and the seed (hex digest); not the filters, which `refilter` applies to cached rows."""
+    """sha256 over the model, the dtype it computes in (`compute`: greedy texts differ between
+    bf16 and fp32), the adapter, every record, the template, the generation settings and the
+    seed (hex digest); not the filters, which `refilter` applies to cached rows."""
     payload = {
         "version": CACHE_VERSION,
         "model_id": model_id,
+        "compute": compute,
         "adapter": adapter_fingerprint,
         "seed": seed,
         "cfg": cfg.model_dump(mode="json", exclude=_NOT_IN_KEY),

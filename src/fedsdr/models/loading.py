@@ -21,6 +21,7 @@ from fedsdr.config import LoraSettings, ModelConfig
 from fedsdr.memory import checkpoint_maps, drop_mapped_pages
 from fedsdr.models.adapters import AdapterSpec, attach_adapters
 from fedsdr.models.attention import RECOMPUTE
+from fedsdr.models.cpu_dtype import bf16_pays_off, cpu_matmul_probe
 from fedsdr.models.gated_mlp import recompute_gated_mlps
 from fedsdr.train import compact_lora_dropout
 
@@ -79,12 +80,22 @@ def resolve_runtime(cfg: ModelConfig) -> Runtime:
         compute = _DTYPES.get(cfg.compute_dtype) or dtype
     else:
         # On CPU the frozen weights stay fp32 (exact reference losses, stable LoRA updates);
-        # autocast runs the matmuls in bf16 where the CPU has native bf16 (about 2x the FLOP/s).
+        # autocast runs the matmuls in bf16 where that is faster (`cpu_compute_dtype`).
         dtype = _DTYPES.get(cfg.dtype) or torch.float32
-        compute = _DTYPES.get(cfg.compute_dtype) or (
-            torch.bfloat16 if cpu_supports_bf16() else torch.float32
-        )
+        compute = _DTYPES.get(cfg.compute_dtype) or cpu_compute_dtype(cfg.cache_dir)
     return Runtime(device=device, dtype=dtype, compute_dtype=compute)
+
+
+def cpu_compute_dtype(cache_dir: Path | str | None = None) -> torch.dtype:
+    """`compute_dtype = "auto"` on a CPU: bf16 where the CPU runs bf16 natively and its bf16
+    matmuls are at least `BF16_MIN_SPEEDUP` x its fp32 ones (measured once per machine,
+    `cpu_dtype.cpu_matmul_probe`), else fp32."""
+    from fedsdr.models.cache import resolve_cache_dir
+
+    if not cpu_supports_bf16():
+        return torch.float32
+    probe = cpu_matmul_probe(resolve_cache_dir(cache_dir or None))
+    return torch.bfloat16 if bf16_pays_off(probe) else torch.float32
 
 
 def resolve_model_source(cfg: ModelConfig) -> str:
@@ -198,9 +209,9 @@ def shared_model(
     """The base model with its adapters, built once per process and shared by every virtual
     client and the server of that process (each loads its own weights into the adapters
     before use). Returns (model, tokenizer, runtime, resolved model source)."""
-    runtime = resolve_runtime(cfg)
-    if cfg.threads:
+    if cfg.threads:  # first: the runtime's dtype probe times the matmuls on these threads
         torch.set_num_threads(cfg.threads)
+    runtime = resolve_runtime(cfg)
     source = resolve_model_source(cfg)
     key = (source, str(runtime), cfg.attn_implementation, lora.model_dump_json(), repr(specs))
     if key not in _CACHE:
