@@ -276,7 +276,7 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
         run_federation(cfg, RunDir(Path(tmp) / "run"))
         phases.mark("end")
     seconds = time.perf_counter() - started
-    model = next(iter(loading._CACHE.values()))[0]
+    model, _, runtime, _ = next(iter(loading._CACHE.values()))
     base = model.get_base_model()
     param_bytes = sum(p.numel() * p.element_size() for n, p in base.named_parameters() if "lora_" not in n)
     adapter_bytes = sum(p.numel() * p.element_size() for n, p in base.named_parameters() if "lora_" in n)
@@ -299,10 +299,10 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
         "threads": torch.get_num_threads(),
         "trim": trim,
         "checkpointing": cfg.train.gradient_checkpointing,
-        "pass_tokens": pass_budget(cfg.train, loading.resolve_runtime(cfg.model).device),
+        "pass_tokens": pass_budget(cfg.train, runtime.device, runtime.compute_dtype),
         "torch_dropout": torch_dropout,
         "keep_freed": keep_freed,
-        "compute_dtype": str(loading.resolve_runtime(cfg.model).compute_dtype),
+        "compute_dtype": str(runtime.compute_dtype),
         "allocator": allocator(),
         "seconds": seconds,
         **first_load,

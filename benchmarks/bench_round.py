@@ -234,7 +234,7 @@ def padded_tokens(ctx: dict[str, Any], clients: list[int], steps: int) -> tuple[
     from fedsdr.train import batches, pass_budget, passes
 
     cfg = ctx["cfg"]
-    budget = pass_budget(cfg.train, ctx["runtime"].device)
+    budget = pass_budget(cfg.train, ctx["runtime"].device, ctx["runtime"].compute_dtype)
     total = count = 0
     for cid in clients:
         stream = batches(

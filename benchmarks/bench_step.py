@@ -138,7 +138,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     losses = [loss for stream in streams for loss in stream.stats.losses]
     ops = count_ops(lambda: one_step(args.steps))  # one more step, untimed
     # what the first pass keeps for backward (after the timed steps, which it would disturb)
-    budget = pass_budget(train, runtime.device)
+    budget = pass_budget(train, runtime.device, runtime.compute_dtype)
     first = passes(batch, budget)[0]
     tensors = collate(first, tok.pad_token_id)
     storages: dict[int, int] = {}

@@ -317,3 +317,27 @@ def test_prompts_prefilled_in_passes_of_similar_lengths_give_the_same_greedy_tex
     assert outputs[0] == outputs[None]
     single = [generate_detailed(model, tok, [p], max_new_tokens=b)[0] for p, b in zip(PROMPTS, BUDGETS, strict=True)]
     assert outputs[0] == single
+
+
+def test_a_cache_budget_runs_fewer_rows_together_and_gives_the_same_greedy_text(model, tok) -> None:
+    """`cache_bytes` caps the rows decoded together by their KV cache: fewer rows, more refills,
+    the same fp32 greedy outputs."""
+    from fedsdr.generation import cache_bytes_per_token
+
+    per_token = cache_bytes_per_token(model, torch.device("cpu"))
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert per_token == config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cache_bytes_per_token(model, torch.device("cpu")) == per_token // 2
+    ids = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True) for p in PROMPTS]
+    longest = max(len(x if isinstance(x, list) else x["input_ids"]) + b for x, b in zip(ids, BUDGETS, strict=True))
+    outputs, stats = {}, {}
+    for budget in (0, 3 * longest * per_token):  # 0: no bound; then room for three of the longest rows
+        stats[budget] = GenerationStats()
+        outputs[budget] = generate_detailed(model, tok, PROMPTS, max_new_tokens=BUDGETS, batch_size=8,
+                                            cache_bytes=budget, stats=stats[budget])
+    bounded = 3 * longest * per_token
+    assert stats[0].max_rows == 8 and 1 <= stats[bounded].max_rows <= 3
+    assert stats[bounded].calls > stats[0].calls
+    assert outputs[bounded] == outputs[0]

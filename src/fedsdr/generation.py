@@ -45,6 +45,7 @@ class GenerationStats:
     seconds: float = 0.0  # wall time inside `generate`
     prefill_seconds: float = 0.0  # of which the prompts' forward passes (prefill)
     shared_prefix_tokens: int = 0  # prompt tokens every prompt of a call starts with, run once per call
+    max_rows: int = 0  # most rows decoded together (the batch size, or fewer under `cache_bytes`)
 
     @property
     def tokens_per_second(self) -> float:
@@ -153,6 +154,7 @@ def generate_detailed(
     numbers_alike: bool = False,
     share_prefix: bool = True,
     split_prefill: bool = True,
+    cache_bytes: int | None = None,
 ) -> list[Generation]:
     """Like `generate`, but each output also says how many tokens it used and whether it
     ended at a stop id (`stop_token_ids`; `finished=False`: it hit its token budget or looped).
@@ -169,7 +171,11 @@ def generate_detailed(
     `split_prefill`: on a CPU, the prompts a batch takes in are prefilled in passes of similar
     lengths (`prefill_passes`) rather than in one pass padded to the longest. Off, and on other
     devices (where a pass costs launches more than padding costs compute; not measured there):
-    one pass per batch."""
+    one pass per batch.
+
+    `cache_bytes` bounds the KV cache: fewer than `batch_size` rows run together where that many
+    rows of the longest prompt plus budget among them would need more (None: `CPU_CACHE_BYTES`
+    on a CPU, no bound elsewhere; 0: no bound)."""
     if not 0.0 <= repeat_stop <= 1.0:
         raise ValueError(f"repeat_stop must be a share in [0, 1] (0: off), got {repeat_stop}")
     n = len(prompts)
@@ -210,7 +216,10 @@ def generate_detailed(
                                number_token_ids(tokenizer) if repeat_stop and numbers_alike else frozenset(),
                                prefix, PASS_TOKENS if split_prefill and device.type == "cpu" else None)
             decoder.prefill_seconds = prefix_seconds  # the shared prefix's forward is prefill too
-            decoder.run([(i, ids[i], budgets[i]) for i in order], batch_size, done)
+            if cache_bytes is None:
+                cache_bytes = CPU_CACHE_BYTES if device.type == "cpu" else 0
+            cache_tokens = cache_bytes // cache_bytes_per_token(model, device) if cache_bytes else None
+            decoder.run([(i, ids[i], budgets[i]) for i in order], batch_size, done, cache_tokens)
             calls, passes, prefill_seconds = decoder.prefills, decoder.prefill_passes, decoder.prefill_seconds
     finally:
         model.train(was_training)
@@ -224,6 +233,7 @@ def generate_detailed(
         stats.seconds += time.perf_counter() - start
         stats.prefill_seconds += prefill_seconds
         stats.shared_prefix_tokens += prefix.length if prefix is not None else 0
+        stats.max_rows = max(stats.max_rows, decoder.max_rows)
     return [r for r in results if r is not None]
 
 
@@ -268,6 +278,26 @@ class _EngineCache(DynamicCache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.room.clear()  # each layer's old room goes as soon as its rows are copied out
         super().batch_select_indices(indices)
+
+
+# The engine's KV cache on a CPU at most: ~32 rows of 700 tokens of SmolLM2-135M in bf16 (23 KB a
+# token), so bf16 decodes its full batch; in fp32 (46 KB a token) the longest rows run ~16 at a
+# time, which keeps evaluation's generation under the quickstart's 2 GB (`bench_memory.py`).
+CPU_CACHE_BYTES = 480 * 2**20
+
+
+def cache_bytes_per_token(model: Any, device: torch.device) -> int:
+    """Bytes one token takes in the engine's KV cache: keys and values of every layer, in the
+    autocast dtype when autocast is on for `device` (`new_cache`), else the model's."""
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    else:
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return config.num_hidden_layers * 2 * kv_heads * head_dim * dtype.itemsize
 
 
 def new_cache(model: Any, device: torch.device) -> DynamicCache:
@@ -332,6 +362,7 @@ class _Decoder:
         self.repeat_stop, self.number_ids = repeat_stop, number_ids
         self.pick = lambda logits: _pick(logits.float(), do_sample, temperature, top_p, generator)
         self.prefills = 0  # refills (batches of new rows)
+        self.max_rows = 0
         self.prefill_passes = 0  # forward passes over their prompts
         self.prefill_seconds = 0.0
 
@@ -376,16 +407,25 @@ class _Decoder:
         return cache, mask, positions[:, -1] + 1, logits
 
     def run(self, queue: list[tuple[int, list[int], int]], batch_size: int,
-            done: Callable[[int, list[int], bool], None]) -> None:
+            done: Callable[[int, list[int], bool], None], cache_tokens: int | None = None) -> None:
+        """Decode `queue` ((row id, prompt ids, budget), in the order rows are to be taken in),
+        at most `batch_size` rows at a time, and at most as many as `cache_tokens` (rows x
+        longest prompt plus budget among them) allows."""
         queue = list(queue)
         live: list[tuple[int, int]] = []  # (row id, budget)
         out: dict[int, list[int]] = {}
         loops: dict[int, LoopDetector] = {}
+        need: dict[int, int] = {}  # live row -> the cache columns it can come to fill
         cache = mask = next_pos = logits = None
         while queue or live:
+            slots = batch_size
+            if cache_tokens is not None and queue:
+                longest = max([need[row] for row, _ in live] + [len(ids) + b for _, ids, b in queue[:batch_size]])
+                slots = max(1, min(batch_size, cache_tokens // longest))
             # Refill once half the slots are free: one prefill serves several new rows.
-            if queue and len(live) <= batch_size // 2:
-                take, queue = queue[: batch_size - len(live)], queue[batch_size - len(live):]
+            if queue and len(live) <= slots // 2:
+                take, queue = queue[: slots - len(live)], queue[slots - len(live):]
+                need.update((i, len(ids) + budget) for i, ids, budget in take)
                 if self.pass_tokens is not None:
                     take.sort(key=lambda row: len(row[1]))  # similar lengths share a prefill pass
                 new_cache, new_mask, new_pos, new_logits = self._prefill(take)
@@ -397,6 +437,7 @@ class _Decoder:
                     live = live + live_new
                 else:
                     cache, mask, next_pos, logits, live = new_cache, new_mask, new_pos, new_logits, live_new
+                self.max_rows = max(self.max_rows, len(live))
             tokens = self.pick(logits)
             keep = []
             for j, ((row, budget), token) in enumerate(zip(live, tokens.tolist(), strict=True)):
@@ -406,6 +447,7 @@ class _Decoder:
                     row, LoopDetector(self.repeat_stop, self.number_ids)).push(token)
                 if token in self.stop_ids or len(tokens_so_far) >= budget or looped:
                     loops.pop(row, None)
+                    need.pop(row, None)
                     done(row, out.pop(row), looped and token not in self.stop_ids and len(tokens_so_far) < budget)
                 else:
                     keep.append(j)

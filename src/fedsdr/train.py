@@ -126,18 +126,32 @@ def passes(batch: Sequence[Example], max_tokens: int) -> list[list[Example]]:
     return out
 
 
-# `train.pass_tokens = "auto"` on a CPU: bounds training's activations (bench_memory) at no cost in
-# speed there (bench_step).
+# `train.pass_tokens = "auto"` on a CPU computing in bf16: bounds training's activations
+# (bench_memory) at no cost in speed there (bench_step). In fp32 each token keeps twice the bytes
+# for backward, so the same bytes hold half the tokens.
 CPU_PASS_TOKENS = 512
 
 
-def pass_budget(cfg: TrainConfig, device: torch.device) -> int:
-    """`train.pass_tokens` with "auto" resolved for `device`: `CPU_PASS_TOKENS` on a CPU, the whole
-    batch (0) on an accelerator, where each extra pass is another ~16k operator launches for
+def pass_budget(cfg: TrainConfig, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16) -> int:
+    """`train.pass_tokens` with "auto" resolved for `device`: on a CPU `CPU_PASS_TOKENS` in a
+    16-bit `compute_dtype` and the same bytes' worth of tokens in a wider one (256 in fp32); the
+    whole batch (0) on an accelerator, where each extra pass is another ~16k operator launches for
     SmolLM2 (bench_step's ATen ops / step) and the host's time per launch, not memory, sets the pace."""
     if cfg.pass_tokens != "auto":
         return cfg.pass_tokens
-    return CPU_PASS_TOKENS if device.type == "cpu" else 0
+    if device.type != "cpu":
+        return 0
+    return CPU_PASS_TOKENS * 2 // max(2, torch.finfo(compute_dtype).bits // 8)
+
+
+def compute_dtype_of(model: torch.nn.Module, autocast: Callable) -> torch.dtype:
+    """The dtype the model's matmuls run in under `autocast`: its autocast dtype, else the
+    dtype of the model's first floating-point weight."""
+    device = next(model.parameters()).device.type
+    with autocast():
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -485,7 +499,7 @@ def _accumulate(
     micro = [next(stream.batches) for _ in range(cfg.grad_accum)]
     n_targets = sum(e.num_target_tokens for b in micro for e in b)
     total = 0.0
-    budget = pass_budget(cfg, next(model.parameters()).device)
+    budget = pass_budget(cfg, next(model.parameters()).device, compute_dtype_of(model, autocast))
     for part in (part for batch in micro for part in passes(batch, budget)):
         loss_sum, _ = response_loss(model, collate(part, pad_id), autocast)
         loss = loss_sum / max(1, n_targets)
