@@ -280,10 +280,10 @@ class _EngineCache(DynamicCache):
         super().batch_select_indices(indices)
 
 
-# The engine's KV cache on a CPU at most: ~32 rows of 700 tokens of SmolLM2-135M in bf16 (23 KB a
-# token), so bf16 decodes its full batch; in fp32 (46 KB a token) the longest rows run ~16 at a
-# time, which keeps evaluation's generation under the quickstart's 2 GB (`bench_memory.py`).
-CPU_CACHE_BYTES = 480 * 2**20
+# The engine's KV cache on a CPU at most: 32 rows of ~900 tokens (the quickstart's longest
+# evaluation prompts plus gsm's 768-token budget) of SmolLM2-135M in bf16, 23 KB a token, so bf16
+# decodes its full batch; in fp32 (46 KB a token) such rows run ~16 at a time, in the same bytes.
+CPU_CACHE_BYTES = 640 * 2**20
 
 
 def cache_bytes_per_token(model: Any, device: torch.device) -> int:
