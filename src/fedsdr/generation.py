@@ -280,10 +280,10 @@ class _EngineCache(DynamicCache):
         super().batch_select_indices(indices)
 
 
-# The engine's KV cache on a CPU at most: 32 rows of ~900 tokens (the quickstart's longest
-# evaluation prompts plus gsm's 768-token budget) of SmolLM2-135M in bf16, 23 KB a token, so bf16
-# decodes its full batch; in fp32 (46 KB a token) such rows run ~16 at a time, in the same bytes.
-CPU_CACHE_BYTES = 640 * 2**20
+# The engine's KV cache on a CPU at most: 32 rows of 1,000 tokens (the quickstart's longest
+# evaluation rows: a 202-token gsm prompt plus its 768-token budget) of SmolLM2-135M in bf16, 23 KB
+# a token, so bf16 decodes its full batch; in fp32 (46 KB a token) such rows run 16 at a time.
+CPU_CACHE_BYTES = 704 * 2**20
 
 
 def cache_bytes_per_token(model: Any, device: torch.device) -> int:
