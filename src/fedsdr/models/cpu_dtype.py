@@ -2,9 +2,9 @@
 
 Native bf16 instructions do not make bf16 matmuls fast by themselves. On a 2-core AMD EPYC with
 AVX512-bf16, oneDNN's bf16 matmuls ran ~4x the fp32 ones at SmolLM2's shapes; on a 2-core Intel
-Xeon with AVX512-bf16 and no AMX (oneDNN's `brg_matmul:avx512_core_bf16`) they ran 0.55x, so
-training under bf16 autocast there was 1.7x slower than in fp32 (`benchmarks/README.md`). The
-CPU's flags cannot tell the two apart; a 50 ms timing can. It runs once per machine: the verdict
+Xeon with AVX512-bf16 and no AMX (oneDNN's `brg_matmul:avx512_core_bf16`) they ran 0.55-0.59x,
+and a training round under bf16 autocast there ran 1.36x slower than in fp32 (`benchmarks/README.md`).
+The CPU's flags cannot tell the two apart; a 0.2 s timing can. It runs once per machine: the verdict
 is kept in fedsdr's cache, keyed by the CPU, torch and the threads, so every process of a run,
 and every later run, computes in the same dtype.
 """
