@@ -29,7 +29,14 @@ from fedsdr.io import write_text_atomic
 from fedsdr.memory import release_freed_memory
 from fedsdr.models.adapters import adapters_off
 from fedsdr.models.attention import inference_attention
-from fedsdr.train import chat_messages, collate, encode, shared_prefix_of, token_nll
+from fedsdr.train import (
+    chat_messages,
+    collate,
+    compute_dtype_of,
+    encode,
+    shared_prefix_of,
+    token_nll,
+)
 
 # Rates (0/1 per record): binomial standard errors.
 RATE_METRICS = ("accuracy", "accuracy_flexible", "hallucination", "stated", "acc_norm", "truncated", "looped")
@@ -274,7 +281,7 @@ class Evaluator:
         if not (base_model and self.cache_dir is not None):
             return compute()
         key = _base_key(self.model_id, self.model, records, self.cfg, self.system_prompt, self.seed, generate,
-                       compute=_autocast_dtype(self.autocast, self.model))
+                       compute=str(compute_dtype_of(self.model, self.autocast)))
         path = self.cache_dir / "eval" / f"base-{key[:24]}.json"
         if path.exists():
             try:
@@ -294,18 +301,11 @@ _NOT_IN_BASE_KEY = {"clients", "every_round", "generate_every", "suites", "gener
                     "general_few_shot", "general_tasks"}
 
 
-def _autocast_dtype(autocast: Callable, model: torch.nn.Module) -> str:
-    """The dtype `autocast` runs the model's matmuls in ('' without autocast)."""
-    device = next(model.parameters()).device.type
-    with autocast():
-        return str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else ""
-
-
 def _base_key(model_id: str, model: torch.nn.Module, records: Sequence[Record], cfg: EvalConfig, system_prompt: str,
               seed: int, generate: bool, compute: str = "") -> str:
     """sha256 over what determines a base-model evaluation: the model (its weight files' names,
-    sizes and times when it is a folder), dtypes (the parameters' and `compute`, the autocast
-    dtype), the records, the settings."""
+    sizes and times when it is a folder), dtypes (the parameters' and `compute`, the one the
+    matmuls run in), the records, the settings."""
     folder = Path(model_id)
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")) \
         if folder.is_dir() else []

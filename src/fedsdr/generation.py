@@ -419,7 +419,7 @@ class _Decoder:
         cache = mask = next_pos = logits = None
         while queue or live:
             slots = batch_size
-            if cache_tokens is not None and queue:
+            if cache_tokens is not None and queue and len(live) <= batch_size // 2:  # a refill is possible
                 longest = max([need[row] for row, _ in live] + [len(ids) + b for _, ids, b in queue[:batch_size]])
                 slots = max(1, min(batch_size, cache_tokens // longest))
             # Refill once half the slots are free: one prefill serves several new rows.
