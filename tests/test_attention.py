@@ -173,3 +173,18 @@ def test_recompute_attention_leaves_a_bidirectional_layer_without_a_mask_to_sdpa
     theirs, _ = attention.sdpa_attention_forward(layer, query, key, value, None, scaling=0.25)
     assert "_RecomputedAttentionBackward" not in _autograd_nodes(ours)
     assert torch.equal(ours, theirs)
+
+
+def test_inference_over_several_queries_under_a_mask_runs_grouped_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill or a pass that checks drafts (several queries, a mask, no gradient) gets SDPA's
+    values without transformers' `repeat_kv` copy of every key/value head."""
+    gen = torch.Generator().manual_seed(2)
+    query = torch.randn(2, 9, 4, 16, generator=gen)
+    key, value = (torch.randn(2, 3, 11, 16, generator=gen) for _ in range(2))
+    mask = torch.ones(2, 1, 4, 11, dtype=torch.bool).tril(diagonal=7)
+    mask[0, ..., :3] = False  # left padding
+    with torch.no_grad():
+        expected = _attend(attention.sdpa_attention_forward, query, key, value, mask, False)
+        monkeypatch.setattr(attention, "sdpa_attention_forward", None)  # not called
+        ours = _attend(attention.recompute_attention, query, key, value, mask, False)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)

@@ -341,3 +341,51 @@ def test_a_cache_budget_runs_fewer_rows_together_and_gives_the_same_greedy_text(
     assert stats[0].max_rows == 8 and 1 <= stats[bounded].max_rows <= 3
     assert stats[bounded].calls > stats[0].calls
     assert outputs[bounded] == outputs[0]
+
+
+def test_a_lookup_drafts_what_followed_the_last_earlier_occurrence_of_the_latest_tokens() -> None:
+    from fedsdr.generation import _Lookup
+
+    lookup = _Lookup([1, 2, 3, 4, 5, 2, 3])
+    assert lookup.draft(3) == [4, 5, 2]  # (5, 2, 3) is new; (2, 3) ended at index 3
+    lookup.extend([9])
+    assert lookup.draft(4) == []  # 9 never occurred before
+    lookup.extend([1, 2])
+    assert lookup.draft(8) == [3, 4, 5, 2, 3, 9, 1, 2]  # the longest match wins: (1, 2) at the start
+    assert lookup.draft(0) == []
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_prompt_lookup_confirms_drafts_in_fewer_passes_and_keeps_the_greedy_text(
+        tok, monkeypatch, kv_heads: int) -> None:
+    """Drafted tokens checked in one pass give fp32 greedy outputs equal to one token per pass,
+    in fewer passes; so does moving every row's columns together after each pass (`_compact`).
+    With grouped key/value heads, the passes that check drafts run SDPA's grouped kernel under a
+    mask (`fedsdr.models.attention`)."""
+    import fedsdr.generation as engine
+    from fedsdr.models.attention import RECOMPUTE
+
+    model = tiny_model(tok, kv_heads=kv_heads)
+    model.set_attn_implementation(RECOMPUTE)
+    outputs, stats = {}, {}
+    for lookup in (0, 8):
+        stats[lookup] = GenerationStats()
+        outputs[lookup] = generate_detailed(model, tok, PROMPTS, max_new_tokens=BUDGETS, batch_size=8,
+                                            prompt_lookup=lookup, stats=stats[lookup])
+    assert outputs[8] == outputs[0]
+    assert stats[0].drafted == 0 and stats[0].decode_passes >= max(BUDGETS) - 1
+    assert 0 < stats[8].accepted <= stats[8].drafted
+    assert stats[8].decode_passes < stats[0].decode_passes
+    monkeypatch.setattr(engine, "COMPACT_COLUMNS", 1)  # compact after every pass
+    assert generate_detailed(model, tok, PROMPTS, max_new_tokens=BUDGETS, batch_size=8) == outputs[0]
+    single = [generate_detailed(model, tok, [p], max_new_tokens=b, prompt_lookup=0)[0]
+              for p, b in zip(PROMPTS, BUDGETS, strict=True)]
+    assert outputs[8] == single
+    with pytest.raises(ValueError, match="prompt_lookup"):
+        generate_detailed(model, tok, PROMPTS[:1], max_new_tokens=4, prompt_lookup=-1)
+
+
+def test_sampling_drafts_nothing(model, tok) -> None:
+    stats = GenerationStats()
+    generate_detailed(model, tok, PROMPTS[:6], max_new_tokens=12, do_sample=True, stats=stats)
+    assert stats.drafted == 0

@@ -44,9 +44,9 @@ def tiny_tokenizer(corpus: list[str] = CORPUS) -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_model(tok: PreTrainedTokenizerFast, eos_scale: float = 2.0) -> LlamaForCausalLM:
-    """Random Llama (hidden 64, 2 layers, 4 heads). Its eos logit is scaled so that some
-    rows stop at eos and others run to their budget."""
+def tiny_model(tok: PreTrainedTokenizerFast, eos_scale: float = 2.0, kv_heads: int = 4) -> LlamaForCausalLM:
+    """Random Llama (hidden 64, 2 layers, 4 heads over `kv_heads` key/value heads). Its eos logit
+    is scaled so that some rows stop at eos and others run to their budget."""
     torch.manual_seed(0)
     eos = tok.eos_token_id
     cfg = LlamaConfig(
@@ -55,7 +55,7 @@ def tiny_model(tok: PreTrainedTokenizerFast, eos_scale: float = 2.0) -> LlamaFor
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=4,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         bos_token_id=eos,
         eos_token_id=eos,

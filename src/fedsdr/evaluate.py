@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedsdr.config import EvalConfig, RunConfig
 from fedsdr.data.schema import Record
+from fedsdr.generation import decoding_settings
 from fedsdr.io import write_text_atomic
 from fedsdr.memory import release_freed_memory
 from fedsdr.models.adapters import adapters_off
@@ -312,8 +313,9 @@ def _base_key(model_id: str, model: torch.nn.Module, records: Sequence[Record], 
     param = next(model.parameters())
     payload = {
         "version": 1, "model": model_id, "files": files, "dtype": str(param.dtype), "device": param.device.type,
-        "compute": compute,
-        # what inference runs: a base evaluation under sdpa_recompute is SDPA's, to the bit
+        "compute": compute, "decoding": decoding_settings(),
+        # what inference runs: a base evaluation under sdpa_recompute is SDPA's (up to the rounding
+        # of SDPA's grouped-heads kernel, which it runs where transformers would repeat_kv)
         "attention": inference_attention(getattr(getattr(model, "config", None), "_attn_implementation", None)),
         "cfg": cfg.model_dump(mode="json", exclude=_NOT_IN_BASE_KEY), "system_prompt": system_prompt, "seed": seed, "generate": generate,
         "records": [r.to_json() for r in records], "torch": torch.__version__,

@@ -46,6 +46,9 @@ class GenerationStats:
     prefill_seconds: float = 0.0  # of which the prompts' forward passes (prefill)
     shared_prefix_tokens: int = 0  # prompt tokens every prompt of a call starts with, run once per call
     max_rows: int = 0  # most rows decoded together (the batch size, or fewer under `cache_bytes`)
+    decode_passes: int = 0  # forward passes while decoding (one per step; a step may take drafts)
+    drafted: int = 0  # tokens drafted by prompt lookup and checked in those passes
+    accepted: int = 0  # of which the model's greedy choice confirmed (each saves a pass)
 
     @property
     def tokens_per_second(self) -> float:
@@ -76,6 +79,26 @@ LOOP_WINDOW = 64
 # (scripts/calibrate_repeat_stop.py, share 0.8): it stops 133 rather than 16 of the 729 answers
 # that ran to their budget, and cuts short 88 of 3315 answers that ended on their own (gsm
 # solutions that restate one equation; none of them was right), where digits apart cut none.
+# Prompt lookup: a row drafts what followed the last earlier occurrence of its latest
+# LOOKUP_NGRAM (down to LOOKUP_MIN_NGRAM) tokens in its prompt and output, at most LOOKUP_DRAFT
+# tokens, and a pass takes at most LOOKUP_TOKENS tokens over all rows (rows x (1 + draft)): on a
+# CPU a decoding pass with few rows costs the read of the weights and the cache whatever it
+# computes, while a full batch of long drafts would cost more compute than the passes it saves.
+LOOKUP_NGRAM = 3
+LOOKUP_MIN_NGRAM = 1
+LOOKUP_DRAFT = 8
+LOOKUP_TOKENS = 64
+
+
+def decoding_settings() -> str:
+    """The engine's greedy decoding settings that can move a near-tie (another batch shape rounds
+    otherwise): part of the keys of cached rewrites and base evaluations."""
+    return f"lookup:draft={LOOKUP_DRAFT},tokens={LOOKUP_TOKENS},ngram={LOOKUP_MIN_NGRAM}-{LOOKUP_NGRAM}"
+
+
+# Columns masked out (left padding, rejected drafts) that rows attend over before the cache is
+# compacted: one copy of the cache against every later pass reading them.
+COMPACT_COLUMNS = 64
 _NUMBER_TOKEN = re.compile(r"^[\sĠ▁]?\d+$")
 _ANY_NUMBER = -1
 
@@ -102,6 +125,35 @@ class LoopDetector:
         self.window.append(gram in self.seen)
         self.seen.add(gram)
         return len(self.window) == LOOP_WINDOW and sum(self.window) >= self.share * LOOP_WINDOW
+
+
+class _Lookup:
+    """A row's n-gram index over its prompt and output, for prompt lookup drafts."""
+
+    def __init__(self, prompt: Sequence[int]) -> None:
+        self.context = list(prompt)
+        self.ends: dict[tuple[int, ...], int] = {}  # n-gram -> where its last occurrence ends
+        self.indexed = 0  # n-grams ending at or before this index are in `ends`
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self.context.extend(tokens)
+
+    def draft(self, limit: int) -> list[int]:
+        """Up to `limit` tokens: those that followed the last earlier occurrence of the
+        longest trailing n-gram (LOOKUP_NGRAM down to LOOKUP_MIN_NGRAM tokens) seen before."""
+        context = self.context
+        # index every n-gram with a token after it; the trailing one is what is looked up
+        for end in range(self.indexed + 1, len(context)):
+            for n in range(LOOKUP_MIN_NGRAM, min(LOOKUP_NGRAM, end) + 1):
+                self.ends[tuple(context[end - n:end])] = end
+        self.indexed = max(self.indexed, len(context) - 1)
+        if limit < 1:
+            return []
+        for n in range(min(LOOKUP_NGRAM, len(context)), LOOKUP_MIN_NGRAM - 1, -1):
+            end = self.ends.get(tuple(context[-n:]))
+            if end is not None:
+                return context[end:end + limit]
+        return []
 
 
 def loops_within(tokens: Sequence[int], share: float, number_ids: frozenset[int] = frozenset()) -> bool:
@@ -155,6 +207,7 @@ def generate_detailed(
     share_prefix: bool = True,
     split_prefill: bool = True,
     cache_bytes: int | None = None,
+    prompt_lookup: int = LOOKUP_DRAFT,
 ) -> list[Generation]:
     """Like `generate`, but each output also says how many tokens it used and whether it
     ended at a stop id (`stop_token_ids`; `finished=False`: it hit its token budget or looped).
@@ -175,7 +228,15 @@ def generate_detailed(
 
     `cache_bytes` bounds the KV cache: fewer than `batch_size` rows run together where that many
     rows of the longest prompt plus budget among them would need more (None: `CPU_CACHE_BYTES`
-    on a CPU, no bound elsewhere; 0: no bound)."""
+    on a CPU, no bound elsewhere; 0: no bound).
+
+    `prompt_lookup` = k > 0 (greedy only): each decoding pass also checks up to k tokens a row
+    drafts from its own prompt and output (`_Lookup`: what followed the last earlier occurrence
+    of its latest tokens), keeping those the model's greedy choice confirms: the same greedy
+    text (up to the rounding of another batch shape) in fewer serial passes, where a rewrite
+    copies its reference or an answer repeats itself. 0: one token per pass."""
+    if prompt_lookup < 0:
+        raise ValueError(f"prompt_lookup must be >= 0 (0: off), got {prompt_lookup}")
     if not 0.0 <= repeat_stop <= 1.0:
         raise ValueError(f"repeat_stop must be a share in [0, 1] (0: off), got {repeat_stop}")
     n = len(prompts)
@@ -214,7 +275,8 @@ def generate_detailed(
             decoder = _Decoder(model, device, stop_ids, pad_id, do_sample, temperature, top_p,
                                torch.Generator(device=device).manual_seed(seed), repeat_stop,
                                number_token_ids(tokenizer) if repeat_stop and numbers_alike else frozenset(),
-                               prefix, PASS_TOKENS if split_prefill and device.type == "cpu" else None)
+                               prefix, PASS_TOKENS if split_prefill and device.type == "cpu" else None,
+                               0 if do_sample else prompt_lookup)
             decoder.prefill_seconds = prefix_seconds  # the shared prefix's forward is prefill too
             if cache_bytes is None:
                 cache_bytes = CPU_CACHE_BYTES if device.type == "cpu" else 0
@@ -234,6 +296,9 @@ def generate_detailed(
         stats.prefill_seconds += prefill_seconds
         stats.shared_prefix_tokens += prefix.length if prefix is not None else 0
         stats.max_rows = max(stats.max_rows, decoder.max_rows)
+        stats.decode_passes += decoder.decode_passes
+        stats.drafted += decoder.drafted
+        stats.accepted += decoder.accepted
     return [r for r in results if r is not None]
 
 
@@ -250,6 +315,7 @@ class _EngineCache(DynamicCache):
     `DynamicLayer` (sliding windows...) keep DynamicCache's own update."""
 
     ROOM = 64  # columns reserved ahead: one copy of the cache per 64 steps instead of one per step
+    STEP = 16  # most columns a decoding step appends (one token, or one and its draft)
 
     def __init__(self, dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -261,7 +327,7 @@ class _EngineCache(DynamicCache):
         if self.dtype is not None:
             key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
-        if type(layer) is not DynamicLayer or layer.get_seq_length() == 0 or key_states.shape[-2] > 1:
+        if type(layer) is not DynamicLayer or layer.get_seq_length() == 0 or key_states.shape[-2] > self.STEP:
             # a prefill (after a shared prefix) is one concatenation; room is for decoding steps
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         keys, n, add = layer.keys, layer.keys.shape[-2], key_states.shape[-2]
@@ -356,9 +422,11 @@ class _Decoder:
     def __init__(self, model: Any, device: torch.device, stop_ids: frozenset[int], pad_id: int,
                  do_sample: bool, temperature: float, top_p: float, generator: torch.Generator,
                  repeat_stop: float = 0.0, number_ids: frozenset[int] = frozenset(),
-                 prefix: SharedPrefix | None = None, pass_tokens: int | None = None) -> None:
+                 prefix: SharedPrefix | None = None, pass_tokens: int | None = None,
+                 lookup: int = 0) -> None:
         self.model, self.device, self.stop_ids, self.pad_id = model, device, stop_ids, pad_id
-        self.prefix, self.pass_tokens = prefix, pass_tokens
+        self.prefix, self.pass_tokens, self.lookup = prefix, pass_tokens, lookup
+        self.decode_passes = self.drafted = self.accepted = 0
         self.repeat_stop, self.number_ids = repeat_stop, number_ids
         self.pick = lambda logits: _pick(logits.float(), do_sample, temperature, top_p, generator)
         self.prefills = 0  # refills (batches of new rows)
@@ -416,7 +484,23 @@ class _Decoder:
         out: dict[int, list[int]] = {}
         loops: dict[int, LoopDetector] = {}
         need: dict[int, int] = {}  # live row -> the cache columns it can come to fill
+        lookups: dict[int, _Lookup] = {}
         cache = mask = next_pos = logits = None
+
+        def emit(row: int, budget: int, token: int) -> bool:
+            """Append `token` to `row`'s output; True when that ends the row (it is then done)."""
+            tokens_so_far = out.setdefault(row, [])
+            tokens_so_far.append(token)
+            looped = bool(self.repeat_stop) and loops.setdefault(
+                row, LoopDetector(self.repeat_stop, self.number_ids)).push(token)
+            if token in self.stop_ids or len(tokens_so_far) >= budget or looped:
+                loops.pop(row, None)
+                need.pop(row, None)
+                lookups.pop(row, None)
+                done(row, out.pop(row), looped and token not in self.stop_ids and len(tokens_so_far) < budget)
+                return True
+            return False
+
         while queue or live:
             slots = batch_size
             if cache_tokens is not None and queue and len(live) <= batch_size // 2:  # a refill is possible
@@ -426,6 +510,8 @@ class _Decoder:
             if queue and len(live) <= slots // 2:
                 take, queue = queue[: slots - len(live)], queue[slots - len(live):]
                 need.update((i, len(ids) + budget) for i, ids, budget in take)
+                if self.lookup:
+                    lookups.update((i, _Lookup(ids)) for i, ids, _ in take)
                 if self.pass_tokens is not None:
                     take.sort(key=lambda row: len(row[1]))  # similar lengths share a prefill pass
                 new_cache, new_mask, new_pos, new_logits = self._prefill(take)
@@ -439,32 +525,111 @@ class _Decoder:
                     cache, mask, next_pos, logits, live = new_cache, new_mask, new_pos, new_logits, live_new
                 self.max_rows = max(self.max_rows, len(live))
             tokens = self.pick(logits)
-            keep = []
-            for j, ((row, budget), token) in enumerate(zip(live, tokens.tolist(), strict=True)):
-                tokens_so_far = out.setdefault(row, [])
-                tokens_so_far.append(token)
-                looped = bool(self.repeat_stop) and loops.setdefault(
-                    row, LoopDetector(self.repeat_stop, self.number_ids)).push(token)
-                if token in self.stop_ids or len(tokens_so_far) >= budget or looped:
-                    loops.pop(row, None)
-                    need.pop(row, None)
-                    done(row, out.pop(row), looped and token not in self.stop_ids and len(tokens_so_far) < budget)
-                else:
-                    keep.append(j)
+            keep = [j for j, ((row, budget), token) in enumerate(zip(live, tokens.tolist(), strict=True))
+                    if not emit(row, budget, token)]
+            if not keep:
+                live = []
+                continue
             if len(keep) < len(live):
-                if not keep:
-                    live = []
-                    continue
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask, tokens, next_pos = mask[index], tokens[index], next_pos[index]
+                cache, mask, next_pos, tokens = _select(keep, cache, mask, next_pos, tokens)
                 live = [live[j] for j in keep]
-                mask, cache = _trim_left(mask, cache)
-            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-            out_logits = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                                    **with_cache(self.model, cache), use_cache=True)
-            logits = out_logits.logits[:, -1, :]
-            next_pos = next_pos + 1
+            drafts = self._drafts(live, out, lookups, tokens) if self.lookup and _croppable(cache) else []
+            if not any(drafts):
+                mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+                logits = self._step(tokens[:, None], mask, next_pos[:, None], cache, 1)[:, -1, :]
+                next_pos = next_pos + 1
+                continue
+            # One pass over each row's token and its draft; a row keeps the draft tokens its
+            # greedy choices confirm, and goes on from the logits after the last of them.
+            width = 1 + max(len(d) for d in drafts)
+            step_ids = torch.full((len(live), width), self.pad_id, dtype=torch.long)
+            step_mask = torch.zeros((len(live), width), dtype=torch.long)
+            step_ids[:, 0], step_mask[:, 0] = tokens.cpu(), 1
+            for j, draft in enumerate(drafts):
+                step_ids[j, 1:1 + len(draft)] = torch.tensor(draft, dtype=torch.long)
+                step_mask[j, 1:1 + len(draft)] = 1
+            mask = torch.cat([mask, step_mask.to(self.device)], dim=1)
+            positions = next_pos[:, None] + torch.arange(width, device=self.device)
+            step_logits = self._step(step_ids.to(self.device), mask, positions, cache, width)
+            greedy = step_logits.argmax(dim=-1).tolist()
+            accepted, keep = [], []
+            for j, ((row, budget), draft) in enumerate(zip(live, drafts, strict=True)):
+                n = 0
+                while n < len(draft) and greedy[j][n] == draft[n]:
+                    n += 1
+                self.drafted += len(draft)
+                self.accepted += n
+                accepted.append(n)
+                if not any(emit(row, budget, token) for token in draft[:n]):
+                    keep.append(j)
+                    lookups[row].extend(draft[:n])
+            columns = mask.shape[1] - width
+            for j, n in enumerate(accepted):
+                mask[j, columns + 1 + n:] = 0  # the rejected drafts' columns
+            next_pos = next_pos + 1 + torch.tensor(accepted, device=self.device)
+            index = torch.tensor(accepted, device=self.device)[:, None, None].expand(-1, 1, step_logits.shape[-1])
+            logits = step_logits.gather(1, index).squeeze(1)
+            if not keep:
+                live = []
+                continue
+            unused = width - 1 - max(accepted[j] for j in keep)  # trailing columns no row kept
+            if unused:
+                mask = mask[:, :-unused]
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[..., :-unused, :], layer.values[..., :-unused, :]
+            if len(keep) < len(live):
+                cache, mask, next_pos, logits = _select(keep, cache, mask, next_pos, logits)
+                live = [live[j] for j in keep]
+            if mask.shape[1] - int(mask.sum(dim=1).max()) >= COMPACT_COLUMNS:
+                mask, cache = _compact(mask, cache)
+
+    def _drafts(self, live: list[tuple[int, int]], out: dict[int, list[int]], lookups: dict[int, _Lookup],
+                tokens: torch.Tensor) -> list[list[int]]:
+        """Each live row's draft after its newest token (`tokens`), within its budget and the
+        pass's LOOKUP_TOKENS."""
+        limit = min(self.lookup, LOOKUP_TOKENS // len(live) - 1)
+        drafts = []
+        for (row, budget), token in zip(live, tokens.tolist(), strict=True):
+            lookups[row].extend([token])
+            drafts.append(lookups[row].draft(min(limit, budget - len(out[row]))))
+        return drafts
+
+    def _step(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+              keep: int) -> torch.Tensor:
+        """One decoding pass: logits at the last `keep` positions of each row."""
+        self.decode_passes += 1
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                          **with_cache(self.model, cache), use_cache=True, logits_to_keep=keep).logits
+
+
+def _croppable(cache: DynamicCache) -> bool:
+    """Whether every layer of `cache` holds plain keys and values whose columns can be cut and
+    moved (not a sliding window's, whose layers keep their own offsets)."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _select(keep: list[int], cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor,
+            per_row: torch.Tensor):  # noqa: ANN202
+    """Keep only the rows `keep` of the batch (the cache, mask, positions and a per-row tensor),
+    then drop leading columns no remaining row attends to."""
+    index = torch.tensor(keep, device=mask.device)
+    cache.batch_select_indices(index)
+    mask, next_pos, per_row = mask[index], next_pos[index], per_row[index]
+    mask, cache = _trim_left(mask, cache)
+    return cache, mask, next_pos, per_row
+
+
+def _compact(mask: torch.Tensor, cache: DynamicCache):  # noqa: ANN202
+    """Move each row's attended columns to the right end, in order, and drop the columns no row
+    needs then: the masked-out columns (left padding, rejected drafts) go but for what the
+    longest row leaves."""
+    getattr(cache, "room", {}).clear()
+    width = int(mask.sum(dim=1).max())
+    index = torch.sort(mask, dim=1, stable=True).indices[:, -width:]  # masked columns first, then the rest in order
+    for layer in cache.layers:
+        gather = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+    return mask.gather(1, index), cache
 
 
 def _stack(parts: Sequence[tuple[DynamicCache, torch.Tensor]]) -> tuple[DynamicCache, torch.Tensor]:

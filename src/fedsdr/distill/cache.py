@@ -30,10 +30,13 @@ def cache_key(
     """sha256 over the model, the dtype it computes in (`compute`: greedy texts differ between
     bf16 and fp32), the adapter, every record, the template, the generation settings and the
     seed (hex digest); not the filters, which `refilter` applies to cached rows."""
+    from fedsdr.generation import decoding_settings
+
     payload = {
         "version": CACHE_VERSION,
         "model_id": model_id,
         "compute": compute,
+        "decoding": decoding_settings(),
         "adapter": adapter_fingerprint,
         "seed": seed,
         "cfg": cfg.model_dump(mode="json", exclude=_NOT_IN_KEY),

@@ -8,8 +8,12 @@ with batched matmuls and is faster, but keeps every layer's attention probabilit
 queries, keys, values and the mask) and recomputes the probabilities in backward with one more
 matmul, like flash attention does, but over the whole (short) rows at once.
 
-Without a gradient to compute (generation, evaluation) it calls transformers' SDPA as it is, so
-inference computes exactly what `sdpa` computes; its masks are SDPA's.
+Without a gradient to compute (generation, evaluation) it calls transformers' SDPA, so inference
+computes what `sdpa` computes; its masks are SDPA's. One difference: several queries per row
+under a mask (a prefill, a decoding pass that checks drafted tokens) run SDPA's grouped-query
+kernel (`enable_gqa`) where transformers copies every key/value head once per query head it
+serves (`repeat_kv`: with a long KV cache, 3x the cache written per layer and pass, most of a
+pass's time; torch's CPU kernel takes the grouped heads with a mask as they are).
 """
 
 from __future__ import annotations
@@ -117,12 +121,26 @@ def recompute_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     device = query.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     if _sdpa_does_it(module, query, key, value, attention_mask, dtype, dropout, kwargs):
+        if _grouped_inference(module, query, attention_mask, dropout, kwargs):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
+            return out.transpose(1, 2).contiguous(), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     bias = _additive(attention_mask, query.shape[2], dtype, query.device)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = _RecomputedAttention.apply(query, key, value, bias, scale, dtype)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _grouped_inference(module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None,
+                       dropout: float, kwargs: dict[str, Any]) -> bool:
+    """Whether an SDPA call is inference over several queries per row, under a mask, with key/value
+    heads shared by groups of query heads: where transformers would `repeat_kv` (one query: it
+    folds the group into the queries; no mask: it asks SDPA for grouped heads itself)."""
+    return (not torch.is_grad_enabled() and query.device.type == "cpu" and query.shape[2] > 1
+            and attention_mask is not None and getattr(module, "num_key_value_groups", 1) > 1
+            and not dropout and kwargs.get("position_bias") is None and kwargs.get("softcap") is None)
 
 
 def inference_attention(name: str | None) -> str | None:
