@@ -27,6 +27,9 @@ round 1):
 - onepass: the engine with each batch's prompts prefilled in one pass padded to the longest
   (`split_prefill=False`), where the engine prefills rows of similar lengths together: what
   that saves.
+- nolookup: the engine decoding one token per pass (`prompt_lookup=0`), where the engine also
+  checks the tokens each row drafts from its prompt and output in the same pass: what those
+  drafts save (the engine's row shows its passes, drafted and confirmed tokens).
 
 Generated tokens are counted the same way for every path: the new tokens of each record up
 to and including its first stop id, cut at its budget (filler after a row finished is not
@@ -43,13 +46,14 @@ Flags:
     --set KEY=VALUE     config override, repeatable (e.g. --set distill.batch_size=8)
     --records N         records to rewrite (default 64, about one client)
     --batch-size B      batch of the bucketed path (default: distill.batch_size)
-    --paths LIST        comma-separated subset of engine,bucketed,continuous,loop,unshared,onepass (default all;
+    --paths LIST        comma-separated subset of engine,bucketed,continuous,loop,unshared,onepass,nolookup
+                        (default all;
                         the engine always runs: the others are compared with it)
     --json PATH         also write every figure as JSON
 
 Usage:
     .venv/bin/python benchmarks/bench_rewrite.py [--config configs/quickstart.toml]
-        [--records 64] [--paths engine,bucketed,continuous,loop,unshared,onepass] [--json out.json]
+        [--records 64] [--paths engine,bucketed,continuous,loop,unshared,onepass,nolookup] [--json out.json]
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-PATHS = ("engine", "bucketed", "continuous", "loop", "unshared", "onepass")
+PATHS = ("engine", "bucketed", "continuous", "loop", "unshared", "onepass", "nolookup")
 
 
 @dataclass
@@ -91,6 +95,9 @@ class PathResult:
     shared_prefix_tokens: int = 0  # engine only: the prompt tokens all prompts start with, run once per call
     prefill_passes: int = 0  # engine only: forward passes over the prompts (a call's similar lengths share one)
     record_seconds: list[float] | None = None  # loop only: each record's own generate call
+    decode_passes: int = 0  # engine only: forward passes while decoding
+    drafted: int = 0  # engine only: prompt-lookup tokens checked in those passes
+    accepted: int = 0  # engine only: of which confirmed
 
     @property
     def tokens_per_s(self) -> float:
@@ -144,7 +151,8 @@ def run_engine(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed: 
         rows = rewrite_records(model, tokenizer, records, dcfg, seed=seed, stats=stats)
     result = PathResult([r.rewrite for r in rows], [not r.truncated for r in rows], stats.new_tokens,
                         stats.seconds, stats.calls, stats.prefill_seconds, stats.prompt_tokens,
-                        stats.shared_prefix_tokens, stats.prefill_passes)
+                        stats.shared_prefix_tokens, stats.prefill_passes, decode_passes=stats.decode_passes,
+                        drafted=stats.drafted, accepted=stats.accepted)
     return result, rows, elapsed()
 
 
@@ -288,10 +296,10 @@ def run_loop(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, stops: f
     return PathResult(texts, finished, sum(counts), elapsed(), len(records), record_seconds=seconds)
 
 
-def run_variant(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed: int, **engine: bool) -> PathResult:
+def run_variant(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed: int, **engine: Any) -> PathResult:
     """The engine's generation as `rewrite_records` calls it, with one of its options turned off
     (`share_prefix=False`: every prompt prefilled in full; `split_prefill=False`: a batch's
-    prompts prefilled in one padded pass)."""
+    prompts prefilled in one padded pass; `prompt_lookup=0`: one token per decoding pass)."""
     from fedsdr.distill import build_rewrite_messages
     from fedsdr.generation import GenerationStats, generate_detailed
 
@@ -302,7 +310,8 @@ def run_variant(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed:
                                 stats=stats, **engine)
     return PathResult([o.text.strip() for o in outputs], [o.finished for o in outputs], stats.new_tokens,
                       stats.seconds, stats.calls, stats.prefill_seconds, stats.prompt_tokens,
-                      prefill_passes=stats.prefill_passes)
+                      prefill_passes=stats.prefill_passes, decode_passes=stats.decode_passes,
+                      drafted=stats.drafted, accepted=stats.accepted)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                 return run_variant(model, tokenizer, recs, d, cfg.seed, share_prefix=False)
             if path == "onepass":
                 return run_variant(model, tokenizer, recs, d, cfg.seed, split_prefill=False)
+            if path == "nolookup":
+                return run_variant(model, tokenizer, recs, d, cfg.seed, prompt_lookup=0)
             return run_loop(model, tokenizer, recs, d, stops)
 
         active = ["engine"] + [x for x in PATHS[1:] if x in paths and not (x == "continuous" and unavailable)]
@@ -376,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
                     warm = dcfg.model_copy(update={"min_new_tokens": 1, "max_new_tokens": 4})
                     for path in active:
                         run(path, records[:2], warm)
+                    # and every prompt through the engine: its first full-size caches (the
+                    # allocator's first growth to them) would otherwise fall on its timed run
+                    run("engine", records, warm)
                 out.print(f"warm-up {warm_elapsed():.1f} s")
                 for path in active:
                     results[path] = run(path, records, dcfg)
@@ -404,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                    "calls": engine.calls, "finished": sum(engine.finished),
                    "rewrite_records_wall_s": engine_wall, "prefill_seconds": engine.prefill_seconds,
                    "prompt_tokens": engine.prompt_tokens, "shared_prefix_tokens": engine.shared_prefix_tokens,
-                   "prefill_passes": engine.prefill_passes},
+                   "prefill_passes": engine.prefill_passes, "decode_passes": engine.decode_passes,
+                   "drafted": engine.drafted, "accepted": engine.accepted},
     }
     for name, r in results.items():
         same = [a == b for a, b in zip(r.texts, engine.texts, strict=True)]
@@ -416,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         if r.prefill_seconds:
             figures[name]["prefill_seconds"] = r.prefill_seconds
             figures[name]["prefill_passes"] = r.prefill_passes
+            figures[name]["decode_passes"] = r.decode_passes
         if r.record_seconds:
             slowest = max(range(len(r.record_seconds)), key=r.record_seconds.__getitem__)
             figures[name]["slowest_record"] = {"id": records[slowest].id, "seconds": r.record_seconds[slowest]}
@@ -437,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = {"bucketed": f"model.generate, length-bucketed (batch {batch_size})",
               "continuous": "transformers continuous batching", "loop": "loop (batch 1)",
               "unshared": "engine, each prompt prefilled in full",
-              "onepass": "engine, one padded prefill pass per batch"}
+              "onepass": "engine, one padded prefill pass per batch",
+              "nolookup": "engine, one token per decoding pass"}
     for name, r in results.items():
         f = figures[name]
         table.add_row(labels[name], str(r.tokens), f"{r.seconds:.1f}", f"{r.tokens_per_s:.1f}",
@@ -463,6 +480,12 @@ def main(argv: list[str] | None = None) -> int:
         slowest = figures["loop"]["slowest_record"]
         out.print(f"  the loop's slowest record alone took {slowest['seconds']:.1f} s: its tokens come one "
                   "decoding step after another on every path, and a step of a batch costs at least a step of one row")
+    out.print(f"  engine: {engine.decode_passes} decoding passes checked {engine.drafted} drafted tokens, "
+              f"confirmed {engine.accepted}")
+    if "nolookup" in results:
+        r = results["nolookup"]
+        out.print(f"  {labels['nolookup']}: {r.decode_passes} decoding passes, {r.seconds - r.prefill_seconds:.1f} s "
+                  f"after prefill (engine {engine.seconds - engine.prefill_seconds:.1f} s)")
     for name in ("unshared", "onepass"):
         if name in results:
             r = results[name]

@@ -62,7 +62,7 @@ def _grads(model, loss):  # noqa: ANN001, ANN202
 
 @pytest.mark.parametrize(("autocast", "tol"), [(contextlib.nullcontext, 1e-5), (_bf16, 2e-2)],
                          ids=["fp32", "bf16-autocast"])
-@pytest.mark.parametrize("chunk", [7, 4096], ids=["chunk-7", "one-chunk"])
+@pytest.mark.parametrize("chunk", [7, 4096, None], ids=["chunk-7", "one-chunk", "by-bytes"])
 def test_loss_and_lora_gradients_match_the_full_logits_path(autocast, tol, chunk) -> None:  # noqa: ANN001
     model, tok = _model()
     assert _decoder_and_head(model, collate([encode(tok, _records()[0])], tok.pad_token_id),
@@ -151,3 +151,23 @@ def test_models_without_a_separable_head_take_the_full_forward() -> None:
     empty = dict(batch, labels=torch.full_like(batch["labels"], IGNORE))
     loss_sum, n = response_loss(model, empty, contextlib.nullcontext)
     assert n == 0 and float(loss_sum.detach()) == 0.0
+
+
+def test_the_loss_chunk_holds_the_same_bytes_of_logits_in_every_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedsdr import train
+
+    assert train.loss_chunk(49152, torch.bfloat16) == 256  # SmolLM2's vocabulary
+    assert train.loss_chunk(49152, torch.float32) == 128
+    assert train.loss_chunk(10**9, torch.float32) == train.LOSS_CHUNK_MIN
+    # by default the frozen head's chunks hold LOSS_CHUNK_BYTES of logits in the compute dtype
+    model, tok = _model()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    chunks = []
+    apply = train._FrozenHeadNLL.apply
+    monkeypatch.setattr(train._FrozenHeadNLL, "apply", lambda *a: chunks.append(a[-1]) or apply(*a))
+    monkeypatch.setattr(train, "LOSS_CHUNK_MIN", 1)
+    monkeypatch.setattr(train, "LOSS_CHUNK_BYTES", 20 * vocab * 4)
+    with torch.no_grad():
+        train.token_nll(model, _batch(tok), contextlib.nullcontext)
+        train.token_nll(model, _batch(tok), _bf16)
+    assert chunks == [20, 40]

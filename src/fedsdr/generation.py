@@ -97,8 +97,9 @@ def decoding_settings() -> str:
 
 
 # Columns masked out (left padding, rejected drafts) that rows attend over before the cache is
-# compacted: one copy of the cache against every later pass reading them.
-COMPACT_COLUMNS = 64
+# compacted: one copy of the cache against every later pass reading them (and the room they
+# take: the cache bound counts them, and the quickstart's longest bf16 rows keep 32 slots).
+COMPACT_COLUMNS = 16
 _NUMBER_TOKEN = re.compile(r"^[\sĠ▁]?\d+$")
 _ANY_NUMBER = -1
 
@@ -478,7 +479,7 @@ class _Decoder:
             done: Callable[[int, list[int], bool], None], cache_tokens: int | None = None) -> None:
         """Decode `queue` ((row id, prompt ids, budget), in the order rows are to be taken in),
         at most `batch_size` rows at a time, and at most as many as `cache_tokens` (rows x
-        longest prompt plus budget among them) allows."""
+        longest prompt plus budget among them, plus the masked columns drafts may leave) allows."""
         queue = list(queue)
         live: list[tuple[int, int]] = []  # (row id, budget)
         out: dict[int, list[int]] = {}
@@ -486,6 +487,8 @@ class _Decoder:
         need: dict[int, int] = {}  # live row -> the cache columns it can come to fill
         lookups: dict[int, _Lookup] = {}
         cache = mask = next_pos = logits = None
+        # a row's columns: its prompt, its budget, and the masked ones drafts leave until compacted
+        slack = COMPACT_COLUMNS + self.lookup if self.lookup else 0
 
         def emit(row: int, budget: int, token: int) -> bool:
             """Append `token` to `row`'s output; True when that ends the row (it is then done)."""
@@ -504,12 +507,13 @@ class _Decoder:
         while queue or live:
             slots = batch_size
             if cache_tokens is not None and queue and len(live) <= batch_size // 2:  # a refill is possible
-                longest = max([need[row] for row, _ in live] + [len(ids) + b for _, ids, b in queue[:batch_size]])
+                waiting = [len(ids) + budget + slack for _, ids, budget in queue[:batch_size]]
+                longest = max([need[row] for row, _ in live] + waiting)
                 slots = max(1, min(batch_size, cache_tokens // longest))
             # Refill once half the slots are free: one prefill serves several new rows.
             if queue and len(live) <= slots // 2:
                 take, queue = queue[: slots - len(live)], queue[slots - len(live):]
-                need.update((i, len(ids) + budget) for i, ids, budget in take)
+                need.update((i, len(ids) + budget + slack) for i, ids, budget in take)
                 if self.lookup:
                     lookups.update((i, _Lookup(ids)) for i, ids, _ in take)
                 if self.pass_tokens is not None:

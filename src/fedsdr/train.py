@@ -165,15 +165,24 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
-# Target positions per lm_head chunk: the chunk's logits (LOSS_CHUNK x vocabulary) are the
-# only vocabulary-sized tensors the loss holds at a time (~50 MB in fp32 for SmolLM2's 49152).
-LOSS_CHUNK = 256
+# Target positions per lm_head chunk, by bytes: a chunk's logits (rows x vocabulary, in the
+# compute dtype) and their fp32 log-softmax are the only vocabulary-sized tensors the loss holds
+# at a time. 24 MiB of logits: 256 rows of SmolLM2's 49152 in bf16, 128 in fp32 (against 256
+# rows, -22 MiB at an fp32 round's peak; ad-hoc, sixteenth session).
+LOSS_CHUNK_BYTES = 24 * 2**20
+LOSS_CHUNK_MIN = 16
+
+
+def loss_chunk(vocab: int, dtype: torch.dtype) -> int:
+    """Target positions per lm_head chunk for a `vocab`-sized output in `dtype` (`LOSS_CHUNK_BYTES`)."""
+    return max(LOSS_CHUNK_MIN, LOSS_CHUNK_BYTES // (vocab * dtype.itemsize))
 
 
 def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable, *,
-              chunk: int = LOSS_CHUNK, prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              chunk: int | None = None, prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token NLL per position [B, T-1] (0 where the label is ignored) and the target mask.
-    With a `prefix` (`shared_prefix_of` the batch's examples), the forward starts after it."""
+    With a `prefix` (`shared_prefix_of` the batch's examples), the forward starts after it.
+    `chunk`: target positions per lm_head chunk (None: `loss_chunk` of the compute dtype)."""
     nll, mask = _target_nll(model, batch, autocast, chunk, prefix)
     return nll.new_zeros(mask.shape).masked_scatter(mask, nll), mask
 
@@ -191,13 +200,13 @@ def shared_prefix_of(model: torch.nn.Module, examples: Sequence[Example], autoca
 
 
 def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable, *,
-                  chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, int]:
+                  chunk: int | None = None) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over response tokens, and their count."""
     nll, mask = _target_nll(model, batch, autocast, chunk)
     return nll.sum(), int(mask.sum())
 
 
-def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable, chunk: int,
+def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable, chunk: int | None,
                 prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """NLL (fp32) of every scored next token, in row-major order of the mask
     `labels[:, 1:] != -100` [B, T-1], and that mask.
@@ -234,9 +243,16 @@ def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast
         return _chunked_nll(hidden[:, :-1][scored], targets, parts[1], chunk), mask
 
 
-def _chunked_nll(rows: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module | None, chunk: int
+def _chunked_nll(rows: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module | None, chunk: int | None
                  ) -> torch.Tensor:
     """NLL per row. `rows` are hidden states projected by `head`, or logits when head is None."""
+    if chunk is None:
+        weight = getattr(head, "weight", None)
+        device = rows.device.type
+        dtype = torch.get_autocast_dtype(device) if head is not None and torch.is_autocast_enabled(device) \
+            else (weight.dtype if isinstance(weight, torch.Tensor) else rows.dtype)
+        vocab = weight.shape[0] if isinstance(weight, torch.Tensor) else rows.shape[-1]
+        chunk = loss_chunk(vocab, dtype)
     if head is None:
         return torch.cat([
             -torch.log_softmax(rows[s:s + chunk], dim=-1, dtype=torch.float32)
