@@ -478,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{engine.shared_prefix_tokens} run once per call; {engine.calls} calls) took "
                   f"{engine.prefill_seconds:.1f} s of its {engine.seconds:.1f} s ({engine.prefill_passes} passes)")
         slowest = figures["loop"]["slowest_record"]
-        out.print(f"  the loop's slowest record alone took {slowest['seconds']:.1f} s: its tokens come one "
-                  "decoding step after another on every path, and a step of a batch costs at least a step of one row")
+        out.print(f"  the loop's slowest record alone took {slowest['seconds']:.1f} s (a decoding step per token; the "
+                  "engine's passes confirm drafted tokens, several per pass where a rewrite copies its reference)")
     out.print(f"  engine: {engine.decode_passes} decoding passes checked {engine.drafted} drafted tokens, "
               f"confirmed {engine.accepted}")
     if "nolookup" in results:
