@@ -9,11 +9,13 @@ queries, keys, values and the mask) and recomputes the probabilities in backward
 matmul, like flash attention does, but over the whole (short) rows at once.
 
 Without a gradient to compute (generation, evaluation) it calls transformers' SDPA, so inference
-computes what `sdpa` computes; its masks are SDPA's. One difference: several queries per row
-under a mask (a prefill, a decoding pass that checks drafted tokens) run SDPA's grouped-query
-kernel (`enable_gqa`) where transformers copies every key/value head once per query head it
-serves (`repeat_kv`: with a long KV cache, 3x the cache written per layer and pass, most of a
-pass's time; torch's CPU kernel takes the grouped heads with a mask as they are).
+computes what `sdpa` computes; its masks are SDPA's. One difference: with several queries per row
+under a mask (a prefill, a decoding pass that checks drafted tokens), where transformers copies
+every key/value head once per query head it serves (`repeat_kv`: with a long KV cache, 3x the
+cache written per layer and pass, most of a pass's time), the query heads that share a key/value
+head become rows of one SDPA call against it, as transformers does for a single query. (SDPA's
+own `enable_gqa` was as fast but held a copy of the keys and values: +150 MB at an fp32 round's
+peak.)
 """
 
 from __future__ import annotations
@@ -122,9 +124,14 @@ def recompute_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     if _sdpa_does_it(module, query, key, value, attention_mask, dtype, dropout, kwargs):
         if _grouped_inference(module, query, attention_mask, dropout, kwargs):
+            # the query heads that share a key/value head become rows of one call against it,
+            # each row's mask repeated for them: no copy of the keys and values
+            batch, heads, length, dim = query.shape
+            groups = module.num_key_value_groups
             out = torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
-            return out.transpose(1, 2).contiguous(), None
+                query.reshape(batch, heads // groups, groups * length, dim), key, value,
+                attn_mask=attention_mask.repeat(1, 1, groups, 1), scale=scaling)
+            return out.view(batch, heads, length, dim).transpose(1, 2).contiguous(), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     bias = _additive(attention_mask, query.shape[2], dtype, query.device)
@@ -139,7 +146,8 @@ def _grouped_inference(module: torch.nn.Module, query: torch.Tensor, attention_m
     heads shared by groups of query heads: where transformers would `repeat_kv` (one query: it
     folds the group into the queries; no mask: it asks SDPA for grouped heads itself)."""
     return (not torch.is_grad_enabled() and query.device.type == "cpu" and query.shape[2] > 1
-            and attention_mask is not None and getattr(module, "num_key_value_groups", 1) > 1
+            and attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
+            and getattr(module, "num_key_value_groups", 1) > 1
             and not dropout and kwargs.get("position_bias") is None and kwargs.get("softcap") is None)
 
 
