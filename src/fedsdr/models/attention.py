@@ -14,8 +14,8 @@ under a mask (a prefill, a decoding pass that checks drafted tokens), where tran
 every key/value head once per query head it serves (`repeat_kv`: with a long KV cache, 3x the
 cache written per layer and pass, most of a pass's time), the query heads that share a key/value
 head become rows of one SDPA call against it, as transformers does for a single query. (SDPA's
-own `enable_gqa` was as fast but held a copy of the keys and values: +150 MB at an fp32 round's
-peak.)
+own `enable_gqa` ran as fast in an ad-hoc timing, but whether its CPU kernel copies the keys and
+values is its own affair; folding the heads copies none.)
 """
 
 from __future__ import annotations
