@@ -5,7 +5,9 @@ budget) so each batch holds similar lengths, left-padded, and decoded with the K
 tokens all prompts of a call start with (the template's system turn, a rewrite instruction)
 run through the model once; each prefill starts from their keys and values.
 Each batch decodes up to the largest budget it holds; every output is then cut back to
-its own budget, so batched greedy outputs equal one-at-a-time greedy outputs.
+its own budget, so batched greedy outputs equal one-at-a-time greedy outputs. Greedy rows
+also draft tokens from their own prompt and output (prompt lookup: a rewrite copies much of
+its reference), and one decoding pass checks each row's next token and its draft together.
 A row stops at any end-of-turn id: the tokenizer's eos and every id the model's
 generation config names (a chat turn may end on another token than eos). Optionally
 (`repeat_stop`) a row also stops once its last tokens mostly repeat what it said before:
@@ -73,12 +75,7 @@ class Generation:
 # new numbers, a paragraph said again) and 1 of 444 references would trigger it.
 LOOP_NGRAM = 4
 LOOP_WINDOW = 64
-# With `numbers_alike` every number token counts as the same token: "12. The answer is 12."
-# then repeats "13. The answer is 13."; with digits kept apart, a short numbered line is new in
-# half its 4-grams and such a loop runs to the budget. Measured on the claims grid's answers
-# (scripts/calibrate_repeat_stop.py, share 0.8): it stops 133 rather than 16 of the 729 answers
-# that ran to their budget, and cuts short 88 of 3315 answers that ended on their own (gsm
-# solutions that restate one equation; none of them was right), where digits apart cut none.
+
 # Prompt lookup: a row drafts what followed the last earlier occurrence of its latest
 # LOOKUP_NGRAM (down to LOOKUP_MIN_NGRAM) tokens in its prompt and output, at most LOOKUP_DRAFT
 # tokens, and a pass takes at most LOOKUP_TOKENS tokens over all rows (rows x (1 + draft)): on a
@@ -100,6 +97,14 @@ def decoding_settings() -> str:
 # compacted: one copy of the cache against every later pass reading them (and the room they
 # take: the cache bound counts them, and the quickstart's longest bf16 rows keep 32 slots).
 COMPACT_COLUMNS = 16
+
+
+# With `numbers_alike` every number token counts as the same token: "12. The answer is 12."
+# then repeats "13. The answer is 13."; with digits kept apart, a short numbered line is new in
+# half its 4-grams and such a loop runs to the budget. Measured on the claims grid's answers
+# (scripts/calibrate_repeat_stop.py, share 0.8): it stops 133 rather than 16 of the 729 answers
+# that ran to their budget, and cuts short 88 of 3315 answers that ended on their own (gsm
+# solutions that restate one equation; none of them was right), where digits apart cut none.
 _NUMBER_TOKEN = re.compile(r"^[\sĠ▁]?\d+$")
 _ANY_NUMBER = -1
 
