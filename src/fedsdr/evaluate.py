@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedsdr.config import EvalConfig, RunConfig
 from fedsdr.data.schema import Record
-from fedsdr.generation import decoding_settings
+from fedsdr.generation import decoding_settings, generate_detailed
 from fedsdr.io import write_text_atomic
 from fedsdr.memory import release_freed_memory
 from fedsdr.models.adapters import adapters_off
@@ -204,8 +204,6 @@ def evaluate_with_predictions(
                          "pred_norm": found["pred_norm"], "choice_logprobs": found["choice_logprobs"]}
     gen_idx = generated_subset(cfg, records) if (cfg.generate if generate is None else generate) else []
     if gen_idx:
-        from fedsdr.generation import generate_detailed
-
         per_domain = domain_budgets(cfg, tokenizer, records)
         budgets = [per_domain[records[i].domain] for i in gen_idx]
         prompts = [chat_messages(records[i], system_prompt) for i in gen_idx]
@@ -315,7 +313,7 @@ def _base_key(model_id: str, model: torch.nn.Module, records: Sequence[Record], 
         "version": 1, "model": model_id, "files": files, "dtype": str(param.dtype), "device": param.device.type,
         "compute": compute, "decoding": decoding_settings(),
         # what inference runs: a base evaluation under sdpa_recompute is SDPA's (up to the rounding
-        # of SDPA's grouped-heads kernel, which it runs where transformers would repeat_kv)
+        # of its folded query heads, which it runs where transformers would repeat_kv)
         "attention": inference_attention(getattr(getattr(model, "config", None), "_attn_implementation", None)),
         "cfg": cfg.model_dump(mode="json", exclude=_NOT_IN_BASE_KEY), "system_prompt": system_prompt, "seed": seed, "generate": generate,
         "records": [r.to_json() for r in records], "torch": torch.__version__,
