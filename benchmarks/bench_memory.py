@@ -246,6 +246,8 @@ def child(config: str, overrides: list[str], loss: str, out_path: Path, *, trim:
     phases.wrap(evaluate, "reference_losses", "eval:loss")
     for name in ("generate", "generate_detailed"):
         phases.wrap(generation, name, "eval:generate")
+        if hasattr(evaluate, name):  # evaluate binds generate_detailed at import: wrap that name too
+            phases.wrap(evaluate, name, "eval:generate")
     if hasattr(evaluate, "choice_scores"):
         phases.wrap(evaluate, "choice_scores", "eval:choice")
     for info in pkgutil.iter_modules(algorithms.__path__):  # wherever the algorithms call them

@@ -389,3 +389,28 @@ def test_sampling_drafts_nothing(model, tok) -> None:
     stats = GenerationStats()
     generate_detailed(model, tok, PROMPTS[:6], max_new_tokens=12, do_sample=True, stats=stats)
     assert stats.drafted == 0
+
+
+def test_rooms_outgrown_during_decoding_are_handed_back_at_once(model, tok, monkeypatch) -> None:
+    """Each time decoding outgrows the cache's reserved room (every `_EngineCache.ROOM` steps) the
+    engine hands the freed rooms back to the OS once (they cannot serve the larger rooms that
+    follow; left to the allocator's decay they kept ~0.3 GB resident); the text is unchanged."""
+    import fedsdr.generation as generation
+
+    calls = []
+
+    def counted() -> None:
+        calls.append(1)
+        release()
+
+    release = generation.release_freed_memory
+    prompts, budget = PROMPTS[:2], 3 * generation._EngineCache.ROOM
+    stats = GenerationStats()
+    before = generate_detailed(model, tok, prompts, max_new_tokens=budget, batch_size=2, stats=stats,
+                               repeat_stop=0.0)
+    monkeypatch.setattr(generation, "release_freed_memory", counted)
+    after = generate_detailed(model, tok, prompts, max_new_tokens=budget, batch_size=2, repeat_stop=0.0)
+    assert after == before
+    longest = max(g.num_tokens for g in before)
+    assert longest > generation._EngineCache.ROOM  # the random model runs on past one room
+    assert len(calls) >= longest // (generation._EngineCache.ROOM + 16)

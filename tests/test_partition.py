@@ -347,3 +347,26 @@ def test_federated_empty_after_domain_filter_is_a_data_error(tmp_path) -> None:
     data = DataConfig(source=str(path), domains=["nope"])
     with pytest.raises(DataError, match="no records"):
         build_federated_data(data, PartitionConfig(num_clients=1), seed=0)
+
+
+def test_partitioning_does_not_import_flwr_datasets_plotting_until_it_is_used() -> None:
+    """flwr-datasets' package init imports matplotlib, seaborn and scipy for its plots (~45 MB
+    resident); fedsdr defers that module, which still loads in full on first use."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+import fedsdr.data.partition
+import flwr_datasets
+assert "matplotlib.pyplot" not in sys.modules and "seaborn" not in sys.modules, "plots imported"
+from flwr_datasets.visualization import plot_label_distributions
+assert callable(plot_label_distributions) and "matplotlib.pyplot" in sys.modules
+assert flwr_datasets.visualization is sys.modules["flwr_datasets.visualization"]
+import flwr_datasets.visualization.bar_plot
+print("ok")
+"""
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from fedsdr.kv import with_cache
+from fedsdr.memory import release_freed_memory
 from fedsdr.prefix import SharedPrefix, shareable_length, shared_prefix
 
 Messages = list[dict[str, str]]
@@ -327,6 +328,7 @@ class _EngineCache(DynamicCache):
         super().__init__(**kwargs)
         self.dtype = dtype
         self.room: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.grown = False  # some layer's room was replaced since the engine last looked
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,6 +345,7 @@ class _EngineCache(DynamicCache):
             room = tuple(t.new_empty((*t.shape[:-2], n + add + self.ROOM, t.shape[-1])) for t in (keys, layer.values))
             room[0][..., :n, :], room[1][..., :n, :] = keys, layer.values
             self.room[layer_idx] = room
+            self.grown = True
         room[0][..., n:n + add, :], room[1][..., n:n + add, :] = key_states, value_states
         layer.keys, layer.values = room[0][..., :n + add, :], room[1][..., :n + add, :]
         return layer.keys, layer.values
@@ -607,8 +610,15 @@ class _Decoder:
               keep: int) -> torch.Tensor:
         """One decoding pass: logits at the last `keep` positions of each row."""
         self.decode_passes += 1
-        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                          **with_cache(self.model, cache), use_cache=True, logits_to_keep=keep).logits
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            **with_cache(self.model, cache), use_cache=True, logits_to_keep=keep).logits
+        if getattr(cache, "grown", False) and self.device.type == "cpu":
+            # Every layer's room was just replaced by a larger one, which the freed rooms cannot
+            # serve again: hand them back now, not after the allocator's ~10 s decay, when up to
+            # a whole cache of them (~0.3 GB on the fp32 quickstart) sat resident at its peak.
+            cache.grown = False
+            release_freed_memory()
+        return logits
 
 
 def _croppable(cache: DynamicCache) -> bool:

@@ -2,19 +2,54 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import random
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
 import datasets
-from flwr_datasets.partitioner import (
+
+from fedsdr.data.schema import DataError, Record
+
+
+def _defer_flwr_datasets_plots() -> None:
+    """Put `flwr_datasets.visualization` in `sys.modules` unexecuted, to run on first use.
+
+    flwr-datasets' `__init__` imports its plotting helpers, and with them matplotlib.pyplot,
+    seaborn and scipy: ~45 MB resident in every process that partitions data, for plots fedsdr
+    never draws (the fp32 quickstart round peaked ~40 MB over its 2 GB target with them). The
+    package's `from flwr_datasets import visualization` then binds this module object; its body
+    runs, in full, the first time anyone looks up a name it lacks (a PEP 562 module
+    `__getattr__`). Not `importlib.util.LazyLoader`: the import system reads `__spec__` of a
+    module it finds in `sys.modules`, and on Python 3.11 any attribute read loads a lazy one."""
+    name = "flwr_datasets.visualization"
+    package = importlib.util.find_spec("flwr_datasets")  # a top-level spec: imports nothing
+    if "flwr_datasets" in sys.modules or package is None or package.submodule_search_locations is None:
+        return
+    spec = importlib.machinery.PathFinder.find_spec(name, package.submodule_search_locations)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+
+    def load_on_first_use(attribute: str) -> object:
+        del module.__getattr__
+        spec.loader.exec_module(module)
+        return getattr(module, attribute)
+
+    module.__getattr__ = load_on_first_use
+    sys.modules[name] = module
+
+
+_defer_flwr_datasets_plots()
+
+from flwr_datasets.partitioner import (  # noqa: E402 (after the deferral above)
     DirichletPartitioner,
     IidPartitioner,
     Partitioner,
     PathologicalPartitioner,
 )
-
-from fedsdr.data.schema import DataError, Record
 
 
 @dataclass(frozen=True)
