@@ -154,3 +154,48 @@ def test_gpu_memory_is_a_figure_of_cuda_runs_only() -> None:
     with device_peak_memory(torch.device("cpu")) as peak:
         torch.ones(1000).sum()
     assert peak == {}  # a CPU run's memory is its RSS (benchmarks/bench_memory.py)
+
+
+def _saved_bytes_loss_and_grads(model, batch) -> tuple[int, torch.Tensor, list[torch.Tensor]]:  # noqa: ANN001
+    """What one training pass keeps for backward (each storage once, parameters left out), its
+    loss and the adapter's gradients, the dropout seeded."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:
+            storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    model.train()
+    torch.manual_seed(5)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss, _ = response_loss(model, batch, contextlib.nullcontext)
+    loss.backward()
+    grads = [p.grad.clone() for p in adapter_parameters(model, "default")]
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return sum(storages.values()), loss.detach(), grads
+
+
+def test_the_lora_dropout_folded_into_a_keeps_less_and_computes_the_same() -> None:
+    from fedsdr.train import DroppedInputLinear
+
+    model, tok = tiny_lora_model("lora.dropout=0.4")  # non-zero B: every gradient path is exercised
+    dropouts = [m.lora_dropout["default"] for m in model.modules()
+                if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)]
+    folded = [m.lora_A["default"] for m in model.modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)]
+    assert folded and all(type(a) is DroppedInputLinear and a.dropout.folded for a in folded)
+    assert all(key.endswith(".weight") and "dropout" not in key for key in get_adapter_state(model, "default"))
+    batch = collate([encode(tok, r) for r in _records()], tok.pad_token_id)
+    kept_folded, loss_folded, grads_folded = _saved_bytes_loss_and_grads(model, batch)
+    for d in dropouts:
+        d.folded = False  # dropout, then the plain linear: the path before
+    try:
+        kept_plain, loss_plain, grads_plain = _saved_bytes_loss_and_grads(model, batch)
+    finally:
+        for d in dropouts:
+            d.folded = True
+    assert torch.equal(loss_folded, loss_plain)  # the same mask draws and products, to the bit
+    assert all(torch.equal(a, b) for a, b in zip(grads_folded, grads_plain, strict=True))
+    assert kept_folded < kept_plain

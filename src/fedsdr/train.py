@@ -397,13 +397,66 @@ class MaskDropout(torch.nn.Dropout):
     share of the step's time (a py-spy profile). Here each element is kept when a 16-bit uniform draw falls below
     (1 - p) x 65536, four draws per 64-bit word of torch's generator (`keep_mask`): the same
     distribution up to p rounded to 1/65536, seeded by `torch.manual_seed` like torch's own.
+
+    `folded`: the LoRA A layer after it drops out its input itself (`DroppedInputLinear`), and this
+    module passes x through wherever that layer does (`defers`).
     """
 
+    folded = False
+
+    def drops(self, x: torch.Tensor) -> bool:
+        """Whether this dropout draws a `keep_mask` for `x` (training on a CPU, 0 < p < 1)."""
+        return self.training and 0.0 < self.p < 1.0 and not self.inplace and x.device.type == "cpu"
+
+    def defers(self, x: torch.Tensor) -> bool:
+        """Whether the folded LoRA A layer drops `x` out instead: the case `drops`, without autocast
+        (under autocast the A layer keeps its input cast to the compute dtype, which costs
+        less than the shared uncast input)."""
+        return self.folded and self.drops(x) and not torch.is_autocast_enabled(x.device.type)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.p
-        if not self.training or not 0.0 < p < 1.0 or self.inplace or x.device.type != "cpu":
+        if self.defers(x):
+            return x
+        if not self.drops(x):
             return super().forward(x)
-        return _MaskDropoutFn.apply(x, p)  # without a gradient to track, just its forward
+        return _MaskDropoutFn.apply(x, self.p)  # without a gradient to track, just its forward
+
+
+class DroppedInputLinear(torch.nn.Linear):
+    """A LoRA A layer that applies its adapter's dropout (`MaskDropout`, which then passes its
+    input through) and keeps for backward the undropped input and the 1-byte mask, where
+    dropout-then-linear keeps the dropped copy of the input as well (4 bytes per element in fp32).
+    The undropped input is one tensor for the layers that read it (q, k, v; gate, up), so in fp32
+    these copies were ~14% of what a training pass kept (SmolLM2, LoRA on all seven linears,
+    `benchmarks/bench_step.py`). The same mask draws and products: the same results to the bit."""
+
+    dropout: MaskDropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.dropout.defers(x):
+            return super().forward(x)
+        return _DroppedLinearFn.apply(x, self.weight, self.dropout.p)
+
+
+class _DroppedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:  # noqa: ANN001
+        mask = keep_mask(x.shape, 1 - p)
+        ctx.scale = 1 / (1 - p)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, mask, weight)
+        return torch.nn.functional.linear(torch.mul(x, mask).mul_(ctx.scale), weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        x, mask, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:  # as linear's backward and then the dropout's
+            grad_x = torch.matmul(grad, weight).mul_(mask).mul_(ctx.scale)
+        if ctx.needs_input_grad[1]:  # the dropped input, recomputed
+            dropped = torch.mul(x, mask).mul_(ctx.scale)
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t().mm(dropped.reshape(-1, dropped.shape[-1]))
+        return grad_x, grad_weight, None
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], keep: float) -> torch.Tensor:
@@ -431,18 +484,27 @@ class _MaskDropoutFn(torch.autograd.Function):
 
 def compact_lora_dropout(model: torch.nn.Module) -> int:
     """Swap every plain `nn.Dropout` a LoRA layer applies (PEFT's `lora_dropout`) for
-    `MaskDropout` (less memory kept for backward, cheaper draws). Returns how many."""
+    `MaskDropout` (less memory kept for backward, cheaper draws), and fold it into the adapter's
+    A layer where that is a plain linear of plain LoRA (`DroppedInputLinear`; variants such as
+    DoRA read the dropped input themselves). Returns how many dropouts were swapped."""
     swapped = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if not isinstance(dropouts, torch.nn.ModuleDict):
             continue
         for name, layer in list(dropouts.items()):
-            if type(layer) is torch.nn.Dropout:
-                new = MaskDropout(layer.p, layer.inplace)
-                new.train(layer.training)
-                dropouts[name] = new
-                swapped += 1
+            if type(layer) is not torch.nn.Dropout:
+                continue
+            new = MaskDropout(layer.p, layer.inplace)
+            new.train(layer.training)
+            dropouts[name] = new
+            swapped += 1
+            lora_a = getattr(module, "lora_A", None)
+            a = lora_a[name] if isinstance(lora_a, torch.nn.ModuleDict) and name in lora_a else None
+            if type(a) is torch.nn.Linear and name not in getattr(module, "lora_variant", {}):
+                a.__class__ = DroppedInputLinear  # the same parameters: state dicts are unchanged
+                a.dropout = new  # also a child of lora_dropout: one module, registered twice
+                new.folded = True
     return swapped
 
 
