@@ -127,21 +127,22 @@ def passes(batch: Sequence[Example], max_tokens: int) -> list[list[Example]]:
 
 
 # `train.pass_tokens = "auto"` on a CPU computing in bf16: bounds training's activations
-# (bench_memory) at no cost in speed there (bench_step). In fp32 each token keeps twice the bytes
-# for backward, so the same bytes hold half the tokens.
+# (bench_memory) at no cost in speed there (bench_step). In fp32 a token keeps ~4/3 the bytes for
+# backward (SmolLM2, LoRA on all linears: ~1,150 KiB against ~860 in bf16, the LoRA dropout
+# folded into A), so the same bytes hold 3/4 of the tokens: 384.
 CPU_PASS_TOKENS = 512
 
 
 def pass_budget(cfg: TrainConfig, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16) -> int:
     """`train.pass_tokens` with "auto" resolved for `device`: on a CPU `CPU_PASS_TOKENS` in a
-    16-bit `compute_dtype` and the same bytes' worth of tokens in a wider one (256 in fp32); the
+    16-bit `compute_dtype` and about the same bytes' worth of tokens in a wider one (384 in fp32); the
     whole batch (0) on an accelerator, where each extra pass is another ~16k operator launches for
     SmolLM2 (bench_step's ATen ops / step) and the host's time per launch, not memory, sets the pace."""
     if cfg.pass_tokens != "auto":
         return cfg.pass_tokens
     if device.type != "cpu":
         return 0
-    return CPU_PASS_TOKENS * 2 // max(2, torch.finfo(compute_dtype).bits // 8)
+    return CPU_PASS_TOKENS if torch.finfo(compute_dtype).bits <= 16 else CPU_PASS_TOKENS * 3 // 4
 
 
 def compute_dtype_of(model: torch.nn.Module, autocast: Callable) -> torch.dtype:
