@@ -653,7 +653,9 @@ def _compact(mask: torch.Tensor, cache: DynamicCache):  # noqa: ANN202
 
 def _stack(parts: Sequence[tuple[DynamicCache, torch.Tensor]]) -> tuple[DynamicCache, torch.Tensor]:
     """Stack (cache, mask) pairs on the batch axis into the first cache, each left-padded to the
-    widest (padding masked out); every layer is written once into its stacked tensors."""
+    widest (padding masked out); every layer is written once into its stacked tensors. The other
+    caches are consumed: each of their layers lets go of its tensors once copied (a caller's
+    name for a refill's cache would otherwise keep its prefill resident beside the copy)."""
     for cache, _ in parts:
         getattr(cache, "room", {}).clear()  # each layer's old room goes once it is copied
     width = max(mask.shape[1] for _, mask in parts)
@@ -674,6 +676,8 @@ def _stack(parts: Sequence[tuple[DynamicCache, torch.Tensor]]) -> tuple[DynamicC
         layers = [cache.layers[j] for cache, _ in parts]
         layer.keys = stacked([x.keys for x in layers], -2)
         layer.values = stacked([x.values for x in layers], -2)
+        for consumed in layers[1:]:
+            consumed.keys = consumed.values = None
     return first, stacked([mask for _, mask in parts], 1)
 
 
