@@ -445,7 +445,7 @@ class _DroppedLinearFn(torch.autograd.Function):
         mask = keep_mask(x.shape, 1 - p)
         ctx.scale = 1 / (1 - p)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, mask, weight)
-        return torch.nn.functional.linear(torch.mul(x, mask).mul_(ctx.scale), weight)
+        return torch.nn.functional.linear(_masked(x, mask, ctx.scale), weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -455,9 +455,14 @@ class _DroppedLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # as linear's backward and then the dropout's
             grad_x = torch.matmul(grad, weight).mul_(mask).mul_(ctx.scale)
         if ctx.needs_input_grad[1]:  # the dropped input, recomputed
-            dropped = torch.mul(x, mask).mul_(ctx.scale)
+            dropped = _masked(x, mask, ctx.scale)
             grad_weight = grad.reshape(-1, grad.shape[-1]).t().mm(dropped.reshape(-1, dropped.shape[-1]))
         return grad_x, grad_weight, None
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """`x` with the elements `mask` drops zeroed and the kept ones scaled: the dropout's product."""
+    return torch.mul(x, mask).mul_(scale)
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], keep: float) -> torch.Tensor:
@@ -474,13 +479,13 @@ class _MaskDropoutFn(torch.autograd.Function):
         mask = keep_mask(x.shape, 1 - p)
         ctx.save_for_backward(mask)
         ctx.p = p
-        return torch.mul(x, mask).mul_(1 / (1 - p))
+        return _masked(x, mask, 1 / (1 - p))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         (mask,) = ctx.saved_tensors
-        return torch.mul(grad, mask).mul_(1 / (1 - ctx.p)), None
+        return _masked(grad, mask, 1 / (1 - ctx.p)), None
 
 
 def compact_lora_dropout(model: torch.nn.Module) -> int:
