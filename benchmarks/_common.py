@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -210,3 +211,78 @@ def child_figures(script: str, argv: list[str], what: str, env: dict[str, str] |
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
             raise SystemExit(f"{Path(script).stem}: {what} failed (exit {proc.returncode})")
         return json.loads(out.read_text(encoding="utf-8"))
+
+
+def linear_shapes(model: Any) -> tuple[Counter, dict[tuple[int, int], str]]:
+    """(in, out) of every linear layer of the frozen base (LoRA's own layers excluded)."""
+    import torch
+
+    shapes: Counter = Counter()
+    names: dict[tuple[int, int], set[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lora_" not in name:
+            key = (module.in_features, module.out_features)
+            shapes[key] += 1
+            leaf = name.split(".")[-1]
+            leaf = name.split(".")[-2] if leaf == "base_layer" else leaf
+            names.setdefault(key, set()).add(leaf)
+    return shapes, {k: ",".join(sorted(v)) for k, v in names.items()}
+
+
+def matmul_seconds(
+    m: int,
+    k: int,
+    n: int,
+    mode: str,
+    compute: Any,
+    direction: str,
+    device: Any = "cpu",
+    min_time: float = 0.1,
+    repeats: int = 3,
+) -> float:
+    """Best-of-`repeats` seconds of one (m,k)x(k,n) matmul as the model does it.
+
+    direction fwd: F.linear(x[m,k], W[n,k]); bwd: g[m,n] @ W[n,k] (the gradient to the input).
+    mode: "compute" = tensors in the compute dtype; "fp32"; "autocast" = fp32 tensors under
+    autocast to the compute dtype (casts included). On CUDA the clock stops after the device
+    has finished (`synchronize`, once per 8 matmuls)."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = compute if mode == "compute" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=gen).to(device, dtype)
+    if direction == "fwd":
+        x = torch.randn(m, k, generator=gen).to(device, dtype)
+
+        def op() -> Any:
+            return F.linear(x, w)
+    else:
+        g = torch.randn(m, n, generator=gen).to(device, dtype)
+
+        def op() -> Any:
+            return torch.mm(g, w)
+
+    kind = torch.device(device).type
+    ctx = (
+        torch.autocast(kind, dtype=compute)
+        if mode == "autocast"
+        else torch.autocast(kind, enabled=False)
+    )
+    best = float("inf")
+    with torch.inference_mode(), ctx:
+        for _ in range(2):
+            op()
+        for _ in range(repeats):
+            iters = 0
+            start = time.perf_counter()
+            while True:
+                for _ in range(8):  # on CUDA: one wait per 8 launches, not a wait per matmul
+                    op()
+                iters += 8
+                synchronize(device)
+                spent = time.perf_counter() - start
+                if spent >= min_time and iters >= 2:
+                    break
+            best = min(best, spent / iters)
+    return best

@@ -41,6 +41,14 @@ agree (bf16 arithmetic differs slightly between batch shapes and can flip a near
 
 Targets: engine / best library path (bucketed, continuous) >= 1.3; engine / loop >= 8.
 
+The engine at the machine's matmul rate (`matmul_floor`, measured after the paths): the FLOPs
+of the base model's linear layers over every position the engine's passes computed (pads and
+rejected drafts included; the LM head at each prompt's last position and at every decoding
+position), over the forward GFLOP/s of those layers' shapes at M = 256 in the compute dtype.
+Attention and everything outside the linears count nothing, so this is a lower bound on the
+engine's time for the work it did, and the loop's time over it the most engine / loop could
+reach with that work; the engine's prefill and decoding are shown as shares of that rate.
+
 Flags:
     --config PATH       run config (default configs/quickstart.toml)
     --set KEY=VALUE     config override, repeatable (e.g. --set distill.batch_size=8)
@@ -71,8 +79,10 @@ from _common import (  # noqa: E402
     console,
     cpu_bf16,
     describe_bf16,
+    linear_shapes,
     load,
     machine,
+    matmul_seconds,
     parser,
     stopwatch,
     write_json,
@@ -98,6 +108,8 @@ class PathResult:
     decode_passes: int = 0  # engine only: forward passes while decoding
     drafted: int = 0  # engine only: prompt-lookup tokens checked in those passes
     accepted: int = 0  # engine only: of which confirmed
+    prefill_positions: int = 0  # engine only: positions its prefill passes computed, pads included
+    decode_positions: int = 0  # engine only: positions its decoding passes computed (tokens, drafts, pads)
 
     @property
     def tokens_per_s(self) -> float:
@@ -152,7 +164,8 @@ def run_engine(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed: 
     result = PathResult([r.rewrite for r in rows], [not r.truncated for r in rows], stats.new_tokens,
                         stats.seconds, stats.calls, stats.prefill_seconds, stats.prompt_tokens,
                         stats.shared_prefix_tokens, stats.prefill_passes, decode_passes=stats.decode_passes,
-                        drafted=stats.drafted, accepted=stats.accepted)
+                        drafted=stats.drafted, accepted=stats.accepted,
+                        prefill_positions=stats.prefill_positions, decode_positions=stats.decode_positions)
     return result, rows, elapsed()
 
 
@@ -314,6 +327,36 @@ def run_variant(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed:
                       drafted=stats.drafted, accepted=stats.accepted)
 
 
+def matmul_floor(model: Any, engine: PathResult, records: int, compute: Any, device: Any) -> dict[str, Any]:
+    """What the engine's forward passes would take at the machine's matmul rate: the FLOPs of
+    the base model's linear layers over every position the passes computed (pads and rejected
+    drafts included; the LM head at each prompt's last position and at every decoding position),
+    over the forward matmul rate at the model's shapes with M = MATMUL_M rows, measured here.
+    Attention and everything outside the linears count nothing: a lower bound on the time."""
+    shapes, _ = linear_shapes(model)
+    head = model.get_output_embeddings()
+    head_params = head.in_features * head.out_features
+    body_params = sum(k * n * count for (k, n), count in shapes.items()) - head_params
+    flops = seconds = 0.0
+    for (k, n), count in shapes.items():
+        flops += count * 2.0 * MATMUL_M * k * n
+        seconds += count * matmul_seconds(MATMUL_M, k, n, "compute", compute, "fwd", device)
+    rate = flops / seconds
+    prefill = (2.0 * body_params * engine.prefill_positions + 2.0 * head_params * records) / rate
+    decode = 2.0 * (body_params + head_params) * engine.decode_positions / rate
+    return {"matmul_m": MATMUL_M, "forward_gflops": rate / 1e9, "body_params": body_params,
+            "head_params": head_params, "prefill_positions": engine.prefill_positions,
+            "decode_positions": engine.decode_positions, "prefill_seconds_at_rate": prefill,
+            "decode_seconds_at_rate": decode, "seconds_at_rate": prefill + decode,
+            "prefill_share_of_rate": prefill / engine.prefill_seconds if engine.prefill_seconds else None,
+            "decode_share_of_rate": decode / (engine.seconds - engine.prefill_seconds)}
+
+
+# Rows of the matmuls `matmul_floor` times: a prefill pass's (PASS_TOKENS-sized and up), where
+# the rate is near the machine's best; decoding passes run fewer rows, slower per row.
+MATMUL_M = 256
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--records", type=int, default=64, help="records to rewrite (default 64, about one client)")
@@ -399,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             model.train(was_training)
 
     engine, rows, engine_wall = results.pop("engine")
+    floor = matmul_floor(model, engine, len(records), runtime.compute_dtype, runtime.device)
     library = {k: v for k, v in results.items() if k in ("bucketed", "continuous")}
     best = max(library, key=lambda k: library[k].tokens_per_s) if library else None
     figures: dict[str, Any] = {
@@ -419,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                    "rewrite_records_wall_s": engine_wall, "prefill_seconds": engine.prefill_seconds,
                    "prompt_tokens": engine.prompt_tokens, "shared_prefix_tokens": engine.shared_prefix_tokens,
                    "prefill_passes": engine.prefill_passes, "decode_passes": engine.decode_passes,
-                   "drafted": engine.drafted, "accepted": engine.accepted},
+                   "drafted": engine.drafted, "accepted": engine.accepted,
+                   "prefill_positions": engine.prefill_positions, "decode_positions": engine.decode_positions},
+        "matmul_floor": floor,
     }
     for name, r in results.items():
         same = [a == b for a, b in zip(r.texts, engine.texts, strict=True)]
@@ -440,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["engine_over_best_library"] = figures[best]["engine_speedup"]
     if "loop" in results:
         figures["engine_over_loop"] = figures["loop"]["engine_speedup"]
+        floor["engine_over_loop_at_rate"] = results["loop"].seconds / floor["seconds_at_rate"]
     figures["total_seconds"] = total_elapsed()
 
     table = Table(title=f"FedSD rewriting of {len(records)} records ({runtime.compute_dtype}, greedy)")
@@ -477,6 +524,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"prefill alone ({engine.prompt_tokens} prompt tokens, of which a shared prefix of "
                   f"{engine.shared_prefix_tokens} run once per call; {engine.calls} calls) took "
                   f"{engine.prefill_seconds:.1f} s of its {engine.seconds:.1f} s ({engine.prefill_passes} passes)")
+        out.print(f"  at the machine's matmul rate ({floor['forward_gflops']:.0f} GFLOP/s forward at M = "
+                  f"{MATMUL_M}) the engine's passes would take at least {floor['seconds_at_rate']:.1f} s (prefill "
+                  f"{floor['prefill_seconds_at_rate']:.1f}, decoding {floor['decode_seconds_at_rate']:.1f}: "
+                  f"{engine.prefill_positions} and {engine.decode_positions} positions): engine / loop "
+                  f"{floor['engine_over_loop_at_rate']:.2f}x at most; its prefill ran at "
+                  f"{floor['prefill_share_of_rate']:.2f} of that rate, its decoding at "
+                  f"{floor['decode_share_of_rate']:.2f}")
         slowest = figures["loop"]["slowest_record"]
         out.print(f"  the loop's slowest record alone took {slowest['seconds']:.1f} s (a decoding step per token; the "
                   "engine's passes confirm drafted tokens, several per pass where a rewrite copies its reference)")

@@ -90,6 +90,21 @@ def test_stats_count_calls_and_tokens(model, tok) -> None:
     assert stats.calls == calls + 1 and stats.records == 13
 
 
+def test_stats_count_the_positions_the_passes_computed(model, tok) -> None:
+    """One row at a time, no shared prefix, no drafts: the prefill computes each prompt's tokens,
+    and decoding one position per new token after the first (the prefill's logits pick the first).
+    Batched, the passes also compute pads (these prompts share no prefix) and rejected drafts."""
+    one = GenerationStats()
+    out = generate_detailed(model, tok, PROMPTS[:6], max_new_tokens=BUDGETS[:6], batch_size=1,
+                            share_prefix=False, prompt_lookup=0, stats=one)
+    assert one.prefill_positions == one.prompt_tokens
+    assert one.decode_positions == sum(g.num_tokens - 1 for g in out) == one.decode_passes
+    batched = GenerationStats()
+    generate_detailed(model, tok, PROMPTS[:6], max_new_tokens=BUDGETS[:6], batch_size=6, stats=batched)
+    assert batched.shared_prefix_tokens == 0 and batched.prefill_positions > batched.prompt_tokens
+    assert batched.decode_positions >= batched.decode_passes + batched.drafted
+
+
 def test_state_restored_and_progress(model, tok) -> None:
     model.train()
     side = tok.padding_side

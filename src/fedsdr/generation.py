@@ -52,6 +52,8 @@ class GenerationStats:
     decode_passes: int = 0  # forward passes while decoding (one per step; a step may take drafts)
     drafted: int = 0  # tokens drafted by prompt lookup and checked in those passes
     accepted: int = 0  # of which the model's greedy choice confirmed (each saves a pass)
+    prefill_positions: int = 0  # positions prefill passes computed: padding and the shared prefix included
+    decode_positions: int = 0  # positions decoding passes computed: each row's token, its draft, pads
 
     @property
     def tokens_per_second(self) -> float:
@@ -273,11 +275,12 @@ def generate_detailed(
                 results[i] = _finish_row(tokenizer, tokens[: budgets[i]], stop_ids, looped)
                 advance(1)
 
-            prefix, prefix_seconds = None, 0.0
+            prefix, prefix_seconds, prefix_positions = None, 0.0, 0
             if share_prefix and n > 1:
                 start_prefix = time.perf_counter()
                 shared = shareable_length(ids, [len(x) for x in ids])  # each row keeps a token to prefill
                 prefix = shared_prefix(model, ids[0][:shared], contextlib.nullcontext, device)
+                prefix_positions = shared
                 prefix_seconds = time.perf_counter() - start_prefix
             decoder = _Decoder(model, device, stop_ids, pad_id, do_sample, temperature, top_p,
                                torch.Generator(device=device).manual_seed(seed), repeat_stop,
@@ -285,6 +288,7 @@ def generate_detailed(
                                prefix, PASS_TOKENS if split_prefill and device.type == "cpu" else None,
                                0 if do_sample else prompt_lookup)
             decoder.prefill_seconds = prefix_seconds  # the shared prefix's forward is prefill too
+            decoder.prefill_positions = prefix_positions
             if cache_bytes is None:
                 cache_bytes = CPU_CACHE_BYTES if device.type == "cpu" else 0
             cache_tokens = cache_bytes // cache_bytes_per_token(model, device) if cache_bytes else None
@@ -306,6 +310,8 @@ def generate_detailed(
         stats.decode_passes += decoder.decode_passes
         stats.drafted += decoder.drafted
         stats.accepted += decoder.accepted
+        stats.prefill_positions += decoder.prefill_positions
+        stats.decode_positions += decoder.decode_positions
     return [r for r in results if r is not None]
 
 
@@ -436,6 +442,7 @@ class _Decoder:
         self.model, self.device, self.stop_ids, self.pad_id = model, device, stop_ids, pad_id
         self.prefix, self.pass_tokens, self.lookup = prefix, pass_tokens, lookup
         self.decode_passes = self.drafted = self.accepted = 0
+        self.prefill_positions = self.decode_positions = 0  # what the passes computed, pads included
         self.repeat_stop, self.number_ids = repeat_stop, number_ids
         self.pick = lambda logits: _pick(logits.float(), do_sample, temperature, top_p, generator)
         self.prefills = 0  # refills (batches of new rows)
@@ -481,6 +488,7 @@ class _Decoder:
         logits = self._forward(input_ids, mask, positions, cache)
         self.prefill_seconds += time.perf_counter() - start
         self.prefill_passes += 1
+        self.prefill_positions += input_ids.numel()
         return cache, mask, positions[:, -1] + 1, logits
 
     def run(self, queue: list[tuple[int, list[int], int]], batch_size: int,
@@ -610,6 +618,7 @@ class _Decoder:
               keep: int) -> torch.Tensor:
         """One decoding pass: logits at the last `keep` positions of each row."""
         self.decode_passes += 1
+        self.decode_positions += input_ids.numel()
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             **with_cache(self.model, cache), use_cache=True, logits_to_keep=keep).logits
         if getattr(cache, "grown", False) and self.device.type == "cpu":
