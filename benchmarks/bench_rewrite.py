@@ -327,6 +327,11 @@ def run_variant(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed:
                       drafted=stats.drafted, accepted=stats.accepted)
 
 
+# Rows of the matmuls `matmul_floor` times: a prefill pass's (PASS_TOKENS-sized and up), where
+# the rate is near the machine's best; decoding passes run fewer rows, slower per row.
+MATMUL_M = 256
+
+
 def matmul_floor(model: Any, engine: PathResult, records: int, compute: Any, device: Any) -> dict[str, Any]:
     """What the engine's forward passes would take at the machine's matmul rate: the FLOPs of
     the base model's linear layers over every position the passes computed (pads and rejected
@@ -350,11 +355,6 @@ def matmul_floor(model: Any, engine: PathResult, records: int, compute: Any, dev
             "decode_seconds_at_rate": decode, "seconds_at_rate": prefill + decode,
             "prefill_share_of_rate": prefill / engine.prefill_seconds if engine.prefill_seconds else None,
             "decode_share_of_rate": decode / (engine.seconds - engine.prefill_seconds)}
-
-
-# Rows of the matmuls `matmul_floor` times: a prefill pass's (PASS_TOKENS-sized and up), where
-# the rate is near the machine's best; decoding passes run fewer rows, slower per row.
-MATMUL_M = 256
 
 
 def main(argv: list[str] | None = None) -> int:

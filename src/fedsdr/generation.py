@@ -275,12 +275,11 @@ def generate_detailed(
                 results[i] = _finish_row(tokenizer, tokens[: budgets[i]], stop_ids, looped)
                 advance(1)
 
-            prefix, prefix_seconds, prefix_positions = None, 0.0, 0
+            prefix, prefix_seconds = None, 0.0
             if share_prefix and n > 1:
                 start_prefix = time.perf_counter()
                 shared = shareable_length(ids, [len(x) for x in ids])  # each row keeps a token to prefill
                 prefix = shared_prefix(model, ids[0][:shared], contextlib.nullcontext, device)
-                prefix_positions = shared
                 prefix_seconds = time.perf_counter() - start_prefix
             decoder = _Decoder(model, device, stop_ids, pad_id, do_sample, temperature, top_p,
                                torch.Generator(device=device).manual_seed(seed), repeat_stop,
@@ -288,7 +287,7 @@ def generate_detailed(
                                prefix, PASS_TOKENS if split_prefill and device.type == "cpu" else None,
                                0 if do_sample else prompt_lookup)
             decoder.prefill_seconds = prefix_seconds  # the shared prefix's forward is prefill too
-            decoder.prefill_positions = prefix_positions
+            decoder.prefill_positions = prefix.length if prefix is not None else 0
             if cache_bytes is None:
                 cache_bytes = CPU_CACHE_BYTES if device.type == "cpu" else 0
             cache_tokens = cache_bytes // cache_bytes_per_token(model, device) if cache_bytes else None
