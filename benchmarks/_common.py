@@ -286,3 +286,24 @@ def matmul_seconds(
                     break
             best = min(best, spent / iters)
     return best
+
+
+# Rows of the matmuls timed for "the machine's matmul rate" of a forward pass: the size of a
+# training or prefill pass (train.pass_tokens 256), where the CPU's GEMMs run near their best.
+MATMUL_M = 256
+
+
+def forward_rate(model: Any, compute: Any, device: Any, m: int = MATMUL_M) -> dict[str, float]:
+    """The forward matmul rate of `model`'s own linear shapes (best-of-3 `matmul_seconds` per
+    shape, weighted by how many layers have it) with `m` rows in the compute dtype, and the
+    parameters of its decoder body's linears and of its LM head: the FLOPs of a forward are
+    2 x body per position computed plus 2 x head per position projected."""
+    shapes, _ = linear_shapes(model)
+    head = model.get_output_embeddings()
+    head_params = head.in_features * head.out_features
+    flops = seconds = 0.0
+    for (k, n), count in shapes.items():
+        flops += count * 2.0 * m * k * n
+        seconds += count * matmul_seconds(m, k, n, "compute", compute, "fwd", device)
+    body_params = sum(k * n * count for (k, n), count in shapes.items()) - head_params
+    return {"matmul_m": m, "flops_per_s": flops / seconds, "body_params": body_params, "head_params": head_params}

@@ -14,6 +14,13 @@ What it measures, each on the same loaded model and in this order:
 It prints records/s for each, the share of generated answers that hit their budget
 (`truncated`, per domain), and generated tokens/s. No cache is used: every figure is computed.
 
+The loss at the machine's matmul rate: the FLOPs of the base model's linear layers over the
+positions the loss path computes (every record's tokens after the shared prefix, the prefix
+once; the LM head at the scored positions only; padding not counted) over the forward GFLOP/s of
+those layers' shapes at M = 256 in the compute dtype, timed in the same run (`forward_rate`, as
+`bench_rewrite.py`'s floor). A lower bound on any evaluation of these records' losses here, and
+the loss path's time as a share of it.
+
 Usage:
     .venv/bin/python benchmarks/bench_eval.py [--config configs/quickstart.toml] [--items 5]
         [--set eval.generate_per_domain=10] [--json out.json]
@@ -26,7 +33,36 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import allocator_as_fedsdr, console, load, machine, parser, stopwatch, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    MATMUL_M,
+    allocator_as_fedsdr,
+    console,
+    forward_rate,
+    load,
+    machine,
+    parser,
+    stopwatch,
+    write_json,
+)
+
+
+def loss_floor(model: Any, tokenizer: Any, records: list[Any], system_prompt: str, runtime: Any) -> dict[str, Any]:
+    """The seconds the reference losses of `records` take at the machine's forward matmul rate:
+    the positions the loss path computes (after the prefix all records share, that prefix once)
+    through the decoder's linears, and the scored positions through the LM head."""
+    from fedsdr.prefix import shareable_length
+    from fedsdr.train import IGNORE, encode
+
+    examples = [encode(tokenizer, r, system_prompt) for r in records]
+    first_scored = [next((i for i, t in enumerate(e.labels) if t != IGNORE), len(e.labels)) for e in examples]
+    shared = shareable_length([e.input_ids for e in examples], first_scored)
+    positions = sum(len(e.input_ids) - shared for e in examples) + shared
+    scored = sum(sum(1 for t in e.labels if t != IGNORE) for e in examples)
+    rate = forward_rate(model, runtime.compute_dtype, runtime.device)
+    flops = 2.0 * rate["body_params"] * positions + 2.0 * rate["head_params"] * scored
+    return {"positions": positions, "scored": scored, "shared_prefix": shared, "matmul_m": MATMUL_M,
+            "forward_gflops": rate["flops_per_s"] / 1e9, "tflop": flops / 1e12,
+            "seconds_at_rate": flops / rate["flops_per_s"]}
 
 
 def main() -> None:
@@ -78,6 +114,9 @@ def main() -> None:
                 evaluate_module.shared_prefix_of = shared
             best = min(seconds, figures.get(name, {}).get("seconds", seconds))
             figures[name] = {"records": len(records), "seconds": best, "records_per_s": len(records) / best}
+    floor = loss_floor(model, tok, records, cfg.data.system_prompt, runtime)
+    floor["share_of_rate"] = floor["seconds_at_rate"] / figures["loss"]["seconds"]
+    figures["loss_at_matmul_rate"] = floor
     figures["loss_shared_prefix_speedup"] = figures["loss, full forward"]["seconds"] / figures["loss"]["seconds"]
     figures["loss_max_domain_diff"] = max(abs(results["loss"][d]["loss"] - results["loss, full forward"][d]["loss"])
                                           for d in results["loss"])
@@ -120,6 +159,9 @@ def main() -> None:
     out.print(table)
     out.print(f"loss: shared prefix / full forward = {figures['loss_shared_prefix_speedup']:.2f}x the speed; "
               f"largest difference of a domain's mean loss {figures['loss_max_domain_diff']:.2e}")
+    out.print(f"loss at the machine's matmul rate ({floor['forward_gflops']:.0f} GFLOP/s forward at M = {MATMUL_M}): "
+              f"{floor['positions']} positions ({floor['scored']} scored), {floor['tflop']:.2f} TFLOP, at least "
+              f"{floor['seconds_at_rate']:.1f} s; the loss path ran at {floor['share_of_rate']:.2f} of that rate")
     gen = figures["generation"]
     out.print(f"generation: {gen['new_tokens_per_s']:.1f} new tokens/s; truncated share per domain "
               + ", ".join(f"{d} {v:.2f}" for d, v in gen["truncated"].items() if v is not None)

@@ -57,11 +57,17 @@ Flags:
     --paths LIST        comma-separated subset of engine,bucketed,continuous,loop,unshared,onepass,nolookup
                         (default all;
                         the engine always runs: the others are compared with it)
+    --profile           after the timed paths, run the engine once more under torch's profiler
+                        and print where its time went: matmuls, attention, cache edits (row
+                        selects, stacking, compaction), the other tensor ops, and the rest of the
+                        wall time (Python, the profiler's own cost); the profiled run is slower
+                        than the timed one, so read its shares, not its seconds
     --json PATH         also write every figure as JSON
 
 Usage:
     .venv/bin/python benchmarks/bench_rewrite.py [--config configs/quickstart.toml]
-        [--records 64] [--paths engine,bucketed,continuous,loop,unshared,onepass,nolookup] [--json out.json]
+        [--records 64] [--paths engine,bucketed,continuous,loop,unshared,onepass,nolookup] [--profile]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -75,14 +81,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    MATMUL_M,
     allocator_as_fedsdr,
     console,
     cpu_bf16,
     describe_bf16,
-    linear_shapes,
+    forward_rate,
     load,
     machine,
-    matmul_seconds,
     parser,
     stopwatch,
     write_json,
@@ -327,34 +333,52 @@ def run_variant(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed:
                       drafted=stats.drafted, accepted=stats.accepted)
 
 
-# Rows of the matmuls `matmul_floor` times: a prefill pass's (PASS_TOKENS-sized and up), where
-# the rate is near the machine's best; decoding passes run fewer rows, slower per row.
-MATMUL_M = 256
-
-
 def matmul_floor(model: Any, engine: PathResult, records: int, compute: Any, device: Any) -> dict[str, Any]:
-    """What the engine's forward passes would take at the machine's matmul rate: the FLOPs of
-    the base model's linear layers over every position the passes computed (pads and rejected
-    drafts included; the LM head at each prompt's last position and at every decoding position),
-    over the forward matmul rate at the model's shapes with M = MATMUL_M rows, measured here.
-    Attention and everything outside the linears count nothing: a lower bound on the time."""
-    shapes, _ = linear_shapes(model)
-    head = model.get_output_embeddings()
-    head_params = head.in_features * head.out_features
-    body_params = sum(k * n * count for (k, n), count in shapes.items()) - head_params
-    flops = seconds = 0.0
-    for (k, n), count in shapes.items():
-        flops += count * 2.0 * MATMUL_M * k * n
-        seconds += count * matmul_seconds(MATMUL_M, k, n, "compute", compute, "fwd", device)
-    rate = flops / seconds
-    prefill = (2.0 * body_params * engine.prefill_positions + 2.0 * head_params * records) / rate
-    decode = 2.0 * (body_params + head_params) * engine.decode_positions / rate
-    return {"matmul_m": MATMUL_M, "forward_gflops": rate / 1e9, "body_params": body_params,
-            "head_params": head_params, "prefill_positions": engine.prefill_positions,
+    """What the engine's forward passes would take at the machine's matmul rate (`forward_rate`):
+    the FLOPs of the base model's linear layers over every position the passes computed (pads
+    and rejected drafts included; the LM head at each prompt's last position and at every
+    decoding position) over the forward rate at the model's shapes with M = MATMUL_M rows,
+    measured here. Attention and everything outside the linears count nothing: a lower bound."""
+    rate = forward_rate(model, compute, device)
+    body, head = rate["body_params"], rate["head_params"]
+    prefill = (2.0 * body * engine.prefill_positions + 2.0 * head * records) / rate["flops_per_s"]
+    decode = 2.0 * (body + head) * engine.decode_positions / rate["flops_per_s"]
+    return {"matmul_m": MATMUL_M, "forward_gflops": rate["flops_per_s"] / 1e9, "body_params": body,
+            "head_params": head, "prefill_positions": engine.prefill_positions,
             "decode_positions": engine.decode_positions, "prefill_seconds_at_rate": prefill,
             "decode_seconds_at_rate": decode, "seconds_at_rate": prefill + decode,
             "prefill_share_of_rate": prefill / engine.prefill_seconds if engine.prefill_seconds else None,
             "decode_share_of_rate": decode / (engine.seconds - engine.prefill_seconds)}
+
+
+# torch ops by what they do in the engine, for `--profile` (the rest are "other tensor ops")
+OP_GROUPS = {
+    "matmuls": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
+    "attention": ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu"),
+    "cache edits": ("aten::index", "aten::index_select", "aten::gather", "aten::cat", "aten::narrow",
+                    "aten::copy_", "aten::slice"),
+}
+
+
+def profile_engine(run_engine_once: Any) -> dict[str, Any]:
+    """Run the engine once under torch's CPU profiler; seconds by group of ops (self time) and
+    the wall time left outside torch ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with stopwatch() as elapsed, profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_engine_once()
+    wall = elapsed()
+    groups = dict.fromkeys([*OP_GROUPS, "other tensor ops"], 0.0)
+    top: list[tuple[str, float, int]] = []
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        group = next((g for g, names in OP_GROUPS.items() if event.key in names), "other tensor ops")
+        groups[group] += seconds
+        top.append((event.key, seconds, event.count))
+    groups["outside torch ops"] = max(0.0, wall - sum(groups.values()))
+    top.sort(key=lambda row: -row[1])
+    return {"wall_seconds": wall, "groups": groups,
+            "top_ops": [{"op": name, "seconds": sec, "calls": calls} for name, sec, calls in top[:12]]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="batch of the bucketed path (default distill.batch_size)")
     p.add_argument("--paths", default=",".join(PATHS),
                    help=f"comma-separated subset of {','.join(PATHS)} (default all)")
+    p.add_argument("--profile", action="store_true",
+                   help="also run the engine once under torch's profiler and print where its time went")
     args = p.parse_args(argv)
     allocator_as_fedsdr(args)
     paths = [x.strip() for x in args.paths.split(",") if x.strip()]
@@ -438,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                     results[path] = run(path, records, dcfg)
                     r = results[path][0] if path == "engine" else results[path]
                     out.print(f"  {path}: {r.tokens} tokens in {r.seconds:.1f} s")
+                profiled = profile_engine(lambda: run("engine", records, dcfg)) if args.profile else None
         finally:
             model.train(was_training)
 
@@ -467,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                    "prefill_positions": engine.prefill_positions, "decode_positions": engine.decode_positions},
         "matmul_floor": floor,
     }
+    if profiled:
+        figures["profile"] = profiled
     for name, r in results.items():
         same = [a == b for a, b in zip(r.texts, engine.texts, strict=True)]
         figures[name] = {"tokens": r.tokens, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s,
@@ -545,6 +574,12 @@ def main(argv: list[str] | None = None) -> int:
             r = results[name]
             out.print(f"  {labels[name]}: prefill {r.prefill_seconds:.1f} s in {r.prefill_passes} passes "
                       f"(engine {engine.prefill_seconds:.1f} s in {engine.prefill_passes})")
+    if profiled:
+        wall = profiled["wall_seconds"]
+        shares = ", ".join(f"{g} {sec:.1f} s ({sec / wall:.0%})" for g, sec in profiled["groups"].items())
+        out.print(f"  profiled engine run ({wall:.1f} s, slower than the timed one): {shares}")
+        out.print("    top ops by own time: " + ", ".join(
+            f"{row['op'].removeprefix('aten::')} {row['seconds']:.1f} s / {row['calls']}" for row in profiled["top_ops"][:8]))
     out.print(
         f"total {total_elapsed():.0f} s; threads {torch.get_num_threads()}, "
         f"load avg {machine()['load_avg_1m']:.2f}"
