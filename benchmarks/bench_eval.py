@@ -33,17 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    MATMUL_M,
-    allocator_as_fedsdr,
-    console,
-    forward_rate,
-    load,
-    machine,
-    parser,
-    stopwatch,
-    write_json,
-)
+from _common import MATMUL_M, allocator_as_fedsdr, console, forward_rate, load, machine, parser, stopwatch, write_json  # noqa: E402, I001
 
 
 def loss_floor(model: Any, tokenizer: Any, records: list[Any], system_prompt: str, runtime: Any) -> dict[str, Any]:
