@@ -33,24 +33,23 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MATMUL_M, allocator_as_fedsdr, console, forward_rate, load, machine, parser, stopwatch, write_json  # noqa: E402, I001
+from _common import allocator_as_fedsdr, console, forward_rate, load, machine, parser, stopwatch, write_json  # noqa: E402, I001
 
 
 def loss_floor(model: Any, tokenizer: Any, records: list[Any], system_prompt: str, runtime: Any) -> dict[str, Any]:
     """The seconds the reference losses of `records` take at the machine's forward matmul rate:
-    the positions the loss path computes (after the prefix all records share, that prefix once)
-    through the decoder's linears, and the scored positions through the LM head."""
-    from fedsdr.prefix import shareable_length
-    from fedsdr.train import IGNORE, encode
+    the positions the loss path computes (after the prefix it shares, `shared_prefix_of`, that
+    prefix once) through the decoder's linears, and the scored positions through the LM head."""
+    from fedsdr.train import IGNORE, encode, shared_prefix_of
 
     examples = [encode(tokenizer, r, system_prompt) for r in records]
-    first_scored = [next((i for i, t in enumerate(e.labels) if t != IGNORE), len(e.labels)) for e in examples]
-    shared = shareable_length([e.input_ids for e in examples], first_scored)
+    prefix = shared_prefix_of(model, examples, runtime.autocast)
+    shared = prefix.length if prefix is not None else 0
     positions = sum(len(e.input_ids) - shared for e in examples) + shared
     scored = sum(sum(1 for t in e.labels if t != IGNORE) for e in examples)
     rate = forward_rate(model, runtime.compute_dtype, runtime.device)
     flops = 2.0 * rate["body_params"] * positions + 2.0 * rate["head_params"] * scored
-    return {"positions": positions, "scored": scored, "shared_prefix": shared, "matmul_m": MATMUL_M,
+    return {"positions": positions, "scored": scored, "shared_prefix": shared, "matmul_m": rate["matmul_m"],
             "forward_gflops": rate["flops_per_s"] / 1e9, "tflop": flops / 1e12,
             "seconds_at_rate": flops / rate["flops_per_s"]}
 
@@ -149,7 +148,7 @@ def main() -> None:
     out.print(table)
     out.print(f"loss: shared prefix / full forward = {figures['loss_shared_prefix_speedup']:.2f}x the speed; "
               f"largest difference of a domain's mean loss {figures['loss_max_domain_diff']:.2e}")
-    out.print(f"loss at the machine's matmul rate ({floor['forward_gflops']:.0f} GFLOP/s forward at M = {MATMUL_M}): "
+    out.print(f"loss at the machine's matmul rate ({floor['forward_gflops']:.0f} GFLOP/s forward at M = {floor['matmul_m']}): "
               f"{floor['positions']} positions ({floor['scored']} scored), {floor['tflop']:.2f} TFLOP, at least "
               f"{floor['seconds_at_rate']:.1f} s; the loss path ran at {floor['share_of_rate']:.2f} of that rate")
     gen = figures["generation"]

@@ -81,7 +81,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    MATMUL_M,
     allocator_as_fedsdr,
     console,
     cpu_bf16,
@@ -343,7 +342,7 @@ def matmul_floor(model: Any, engine: PathResult, records: int, compute: Any, dev
     body, head = rate["body_params"], rate["head_params"]
     prefill = (2.0 * body * engine.prefill_positions + 2.0 * head * records) / rate["flops_per_s"]
     decode = 2.0 * (body + head) * engine.decode_positions / rate["flops_per_s"]
-    return {"matmul_m": MATMUL_M, "forward_gflops": rate["flops_per_s"] / 1e9, "body_params": body,
+    return {"matmul_m": rate["matmul_m"], "forward_gflops": rate["flops_per_s"] / 1e9, "body_params": body,
             "head_params": head, "prefill_positions": engine.prefill_positions,
             "decode_positions": engine.decode_positions, "prefill_seconds_at_rate": prefill,
             "decode_seconds_at_rate": decode, "seconds_at_rate": prefill + decode,
@@ -554,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{engine.shared_prefix_tokens} run once per call; {engine.calls} calls) took "
                   f"{engine.prefill_seconds:.1f} s of its {engine.seconds:.1f} s ({engine.prefill_passes} passes)")
         out.print(f"  at the machine's matmul rate ({floor['forward_gflops']:.0f} GFLOP/s forward at M = "
-                  f"{MATMUL_M}) the engine's passes would take at least {floor['seconds_at_rate']:.1f} s (prefill "
+                  f"{floor['matmul_m']}) the engine's passes would take at least {floor['seconds_at_rate']:.1f} s (prefill "
                   f"{floor['prefill_seconds_at_rate']:.1f}, decoding {floor['decode_seconds_at_rate']:.1f}: "
                   f"{engine.prefill_positions} and {engine.decode_positions} positions): engine / loop "
                   f"{floor['engine_over_loop_at_rate']:.2f}x at most; its prefill ran at "
