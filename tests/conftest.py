@@ -12,6 +12,10 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["FEDSDR_PROGRESS"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs two workers (`-n 2` in pyproject.toml): each computes on one thread, or
+    # their OMP threads fight over the cores (10-20x slower on 2 cores).
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 # fedsdr's cache (rewrites, base-model evaluations) in a folder of this test session, not in
 # ~/.cache/fedsdr: a rerun on the same machine would otherwise read an earlier run's rewrites
 # instead of computing them (their keys are deterministic), and tests would leave files there.
@@ -23,12 +27,39 @@ import pytest  # noqa: E402
 
 from fedsdr.config import RunConfig, load_config  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)  # in case a plugin imported torch before the variables above
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_config(*overrides: str) -> RunConfig:
     """configs/smoke.toml (tiny random model, bundled benchmark) with overrides."""
     return load_config(ROOT / "configs" / "smoke.toml", list(overrides))
+
+
+# Modules whose tests share a costly module or session fixture (a grid run, a prepared SmolLM2,
+# an lm-eval run): pytest-xdist runs each of them whole on one worker, so the fixture is built
+# once while the other worker goes on with other tests. Every other test is its own unit.
+WHOLE_MODULES = frozenset({"tests/test_grid.py", "tests/test_lm_eval.py", "tests/test_models_bundled.py"})
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's, unknown under `-p no:xdist`
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, ANN201
+    """`-n N` (xdist's `load`), but WHOLE_MODULES kept whole. (`--dist loadgroup` would do it by
+    marks, but under pytest 9.2 xdist 3.8 can no longer tag the test ids it groups by.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WholeModulesScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in WHOLE_MODULES else nodeid
+
+    return WholeModulesScheduling(config, log)
 
 
 @pytest.fixture
