@@ -1,0 +1,92 @@
+"""One decoding pass of the base model by rows: what a pass costs beside its linears.
+
+A decoding pass takes one token per row over each row's KV cache. This builds the engine's cache
+(`fedsdr.generation.new_cache`) with `--columns` columns of random keys and values for R rows,
+runs one pass to reserve the cache's room (as the engine does once per 64 steps), then times
+`--repeats` passes (median; each appends a column) in the compute dtype, and sets beside each
+the time its linears (decoder body and LM head, M = R) take in the isolated timing of
+`_common.forward_rate` (best of 3, one shape's weights at a time, so hot in cache): the rest is
+attention, the cache, small ops and the weights streaming from memory.
+
+Usage:
+    .venv/bin/python benchmarks/bench_decode_pass.py [--config configs/quickstart.toml]
+        [--rows 8,16,32,45,48,64] [--columns 300] [--repeats 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import console, forward_rate, load, machine, median, parser, write_json  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default="8,16,32,45,48,64", help="comma-separated rows per pass")
+    p.add_argument("--columns", type=int, default=300, help="cached columns per row")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per row count")
+    args = p.parse_args(argv)
+    rows_list = [int(x) for x in args.rows.split(",") if x.strip()]
+    cfg = load(args)
+
+    import torch
+    from rich.table import Table
+
+    from fedsdr.generation import new_cache
+    from fedsdr.kv import with_cache
+    from fedsdr.models.loading import load_base_model, resolve_model_source, resolve_runtime
+
+    runtime = resolve_runtime(cfg.model)
+    model = load_base_model(resolve_model_source(cfg.model), runtime, cfg.model.attn_implementation).eval()
+    config, device, columns = model.config, runtime.device, args.columns
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def passes(rows: int) -> list[float]:
+        cache = new_cache(model, device)
+        for layer in range(config.num_hidden_layers):
+            keys, values = (torch.randn(rows, config.num_key_value_heads, columns, head_dim, generator=generator)
+                            for _ in range(2))
+            cache.update(keys.to(device), values.to(device), layer)
+        seconds = []
+        for step in range(args.repeats + 1):  # the first pass reserves the room: not timed
+            ids = torch.randint(0, config.vocab_size, (rows, 1), generator=generator).to(device)
+            mask = torch.ones(rows, columns + step + 1, dtype=torch.long, device=device)
+            positions = torch.full((rows, 1), columns + step, device=device)
+            start = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, **with_cache(model, cache),
+                  use_cache=True, logits_to_keep=1)
+            seconds.append(time.perf_counter() - start)
+        return seconds[1:]
+
+    figures = {}
+    with torch.inference_mode(), runtime.autocast():
+        passes(rows_list[0])  # warm-up: the allocator's first growth, lazy kernels
+        for rows in rows_list:
+            seconds = median(passes(rows))
+            rate = forward_rate(model, runtime.compute_dtype, device, rows)
+            linears = 2.0 * rows * (rate["body_params"] + rate["head_params"]) / rate["flops_per_s"]
+            figures[str(rows)] = {"pass_seconds": seconds, "linears_seconds_at_rate": linears,
+                                  "linear_gflops_at_rate": rate["flops_per_s"] / 1e9}
+    table = Table(title=f"one decoding pass of {cfg.model.name}: R rows x 1 token over {columns} cached columns "
+                        f"({runtime.compute_dtype}, median of {args.repeats})")
+    for col in ("rows", "ms / pass", "ms / row", "linears at the isolated rate, ms", "rest, ms"):
+        table.add_column(col, justify="right")
+    for rows in rows_list:
+        f = figures[str(rows)]
+        table.add_row(str(rows), f"{f['pass_seconds'] * 1e3:.1f}", f"{f['pass_seconds'] / rows * 1e3:.2f}",
+                      f"{f['linears_seconds_at_rate'] * 1e3:.1f}",
+                      f"{(f['pass_seconds'] - f['linears_seconds_at_rate']) * 1e3:.1f}")
+    out = console()
+    out.print(table)
+    out.print(f"threads {torch.get_num_threads()}, load avg {machine()['load_avg_1m']:.2f}")
+    write_json(args.json, {"model": cfg.model.name, "compute_dtype": str(runtime.compute_dtype), "columns": columns,
+                           "repeats": args.repeats, "machine": machine(), "by_rows": figures})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
