@@ -62,6 +62,8 @@ Flags:
                         selects, stacking, compaction), the other tensor ops, and the rest of the
                         wall time (Python, the profiler's own cost); the profiled run is slower
                         than the timed one, so read its shares, not its seconds
+    --lookup-tokens N   the engine's prompt-lookup budget per pass (`generation.LOOKUP_TOKENS`,
+                        64): a what-if for tuning it, not a setting of fedsdr
     --json PATH         also write every figure as JSON
 
 Usage:
@@ -389,8 +391,17 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated subset of {','.join(PATHS)} (default all)")
     p.add_argument("--profile", action="store_true",
                    help="also run the engine once under torch's profiler and print where its time went")
+    p.add_argument("--lookup-tokens", type=int, default=None,
+                   help="the engine's prompt-lookup budget, tokens a decoding pass takes over all rows "
+                        "(generation.LOOKUP_TOKENS; default the engine's own)")
     args = p.parse_args(argv)
     allocator_as_fedsdr(args)
+    if args.lookup_tokens is not None:
+        if args.lookup_tokens < 1:
+            raise SystemExit(f"--lookup-tokens must be >= 1, got {args.lookup_tokens}")
+        from fedsdr import generation
+
+        generation.LOOKUP_TOKENS = args.lookup_tokens  # read at each pass: a what-if, not a setting
     paths = [x.strip() for x in args.paths.split(",") if x.strip()]
     unknown = sorted(set(paths) - set(PATHS))
     if unknown:
@@ -401,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from rich.table import Table
 
+    from fedsdr import generation
     from fedsdr.algorithms import get_algorithm
     from fedsdr.generation import stop_token_ids
     from fedsdr.models.adapters import adapters_off
@@ -480,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers.__version__,
         "records": len(records),
         "batch_size": batch_size,
+        "lookup_tokens": generation.LOOKUP_TOKENS,
         "budgets_sum": sum(budgets),
         "stop_ids": sorted(stops),
         "sampling_forced_off": sampling_was_on,
