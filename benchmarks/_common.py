@@ -307,3 +307,9 @@ def forward_rate(model: Any, compute: Any, device: Any, m: int = MATMUL_M) -> di
         seconds += count * matmul_seconds(m, k, n, "compute", compute, "fwd", device)
     body_params = sum(k * n * count for (k, n), count in shapes.items()) - head_params
     return {"matmul_m": m, "flops_per_s": flops / seconds, "body_params": body_params, "head_params": head_params}
+
+
+def forward_flops(rate: dict[str, float], positions: float, projected: float) -> float:
+    """The FLOPs of the linears of a forward over `positions`, `projected` of them through the LM
+    head, for the model `rate` (`forward_rate`) was measured on."""
+    return 2.0 * rate["body_params"] * positions + 2.0 * rate["head_params"] * projected

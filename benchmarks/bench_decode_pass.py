@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import console, forward_rate, load, machine, median, parser, write_json  # noqa: E402
+from _common import console, forward_flops, forward_rate, load, machine, median, parser, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,13 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     runtime = resolve_runtime(cfg.model)
     model = load_base_model(resolve_model_source(cfg.model), runtime, cfg.model.attn_implementation).eval()
     config, device, columns = model.config, runtime.device, args.columns
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     generator = torch.Generator().manual_seed(cfg.seed)
 
     def passes(rows: int) -> list[float]:
         cache = new_cache(model, device)
         for layer in range(config.num_hidden_layers):
-            keys, values = (torch.randn(rows, config.num_key_value_heads, columns, head_dim, generator=generator)
+            keys, values = (torch.randn(rows, kv_heads, columns, head_dim, generator=generator)
                             for _ in range(2))
             cache.update(keys.to(device), values.to(device), layer)
         seconds = []
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         for rows in rows_list:
             seconds = median(passes(rows))
             rate = forward_rate(model, runtime.compute_dtype, device, rows)
-            linears = 2.0 * rows * (rate["body_params"] + rate["head_params"]) / rate["flops_per_s"]
+            linears = forward_flops(rate, rows, rows) / rate["flops_per_s"]
             figures[str(rows)] = {"pass_seconds": seconds, "linears_seconds_at_rate": linears,
                                   "linear_gflops_at_rate": rate["flops_per_s"] / 1e9}
     table = Table(title=f"one decoding pass of {cfg.model.name}: R rows x 1 token over {columns} cached columns "

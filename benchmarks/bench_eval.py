@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import allocator_as_fedsdr, console, forward_rate, load, machine, parser, stopwatch, write_json  # noqa: E402, I001
+from _common import allocator_as_fedsdr, console, forward_flops, forward_rate, load, machine, parser, stopwatch, write_json  # noqa: E402, I001
 
 
 def loss_floor(model: Any, tokenizer: Any, records: list[Any], system_prompt: str, runtime: Any) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def loss_floor(model: Any, tokenizer: Any, records: list[Any], system_prompt: st
     positions = sum(len(e.input_ids) - shared for e in examples) + shared
     scored = sum(sum(1 for t in e.labels if t != IGNORE) for e in examples)
     rate = forward_rate(model, runtime.compute_dtype, runtime.device)
-    flops = 2.0 * rate["body_params"] * positions + 2.0 * rate["head_params"] * scored
+    flops = forward_flops(rate, positions, scored)
     return {"positions": positions, "scored": scored, "shared_prefix": shared, "matmul_m": rate["matmul_m"],
             "forward_gflops": rate["flops_per_s"] / 1e9, "tflop": flops / 1e12,
             "seconds_at_rate": flops / rate["flops_per_s"]}

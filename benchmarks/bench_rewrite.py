@@ -87,6 +87,7 @@ from _common import (  # noqa: E402
     console,
     cpu_bf16,
     describe_bf16,
+    forward_flops,
     forward_rate,
     load,
     machine,
@@ -341,11 +342,10 @@ def matmul_floor(model: Any, engine: PathResult, records: int, compute: Any, dev
     decoding position) over the forward rate at the model's shapes with M = MATMUL_M rows,
     measured here. Attention and everything outside the linears count nothing: a lower bound."""
     rate = forward_rate(model, compute, device)
-    body, head = rate["body_params"], rate["head_params"]
-    prefill = (2.0 * body * engine.prefill_positions + 2.0 * head * records) / rate["flops_per_s"]
-    decode = 2.0 * (body + head) * engine.decode_positions / rate["flops_per_s"]
-    return {"matmul_m": rate["matmul_m"], "forward_gflops": rate["flops_per_s"] / 1e9, "body_params": body,
-            "head_params": head, "prefill_positions": engine.prefill_positions,
+    prefill = forward_flops(rate, engine.prefill_positions, records) / rate["flops_per_s"]
+    decode = forward_flops(rate, engine.decode_positions, engine.decode_positions) / rate["flops_per_s"]
+    return {"matmul_m": rate["matmul_m"], "forward_gflops": rate["flops_per_s"] / 1e9, "body_params": rate["body_params"],
+            "head_params": rate["head_params"], "prefill_positions": engine.prefill_positions,
             "decode_positions": engine.decode_positions, "prefill_seconds_at_rate": prefill,
             "decode_seconds_at_rate": decode, "seconds_at_rate": prefill + decode,
             "prefill_share_of_rate": prefill / engine.prefill_seconds if engine.prefill_seconds else None,
@@ -396,12 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(generation.LOOKUP_TOKENS; default the engine's own)")
     args = p.parse_args(argv)
     allocator_as_fedsdr(args)
-    if args.lookup_tokens is not None:
-        if args.lookup_tokens < 1:
-            raise SystemExit(f"--lookup-tokens must be >= 1, got {args.lookup_tokens}")
-        from fedsdr import generation
-
-        generation.LOOKUP_TOKENS = args.lookup_tokens  # read at each pass: a what-if, not a setting
+    if args.lookup_tokens is not None and args.lookup_tokens < 1:
+        raise SystemExit(f"--lookup-tokens must be >= 1, got {args.lookup_tokens}")
     paths = [x.strip() for x in args.paths.split(",") if x.strip()]
     unknown = sorted(set(paths) - set(PATHS))
     if unknown:
@@ -418,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     from fedsdr.models.adapters import adapters_off
     from fedsdr.models.loading import shared_model
 
+    if args.lookup_tokens is not None:
+        generation.LOOKUP_TOKENS = args.lookup_tokens  # read at each pass: a what-if, not a setting
     out = console()
     with stopwatch() as total_elapsed:
         dcfg = cfg.distill.model_copy(deep=True)

@@ -14,8 +14,12 @@ os.environ["FEDSDR_PROGRESS"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist runs two workers (`-n 2` in pyproject.toml): each computes on one thread, or
-    # their OMP threads fight over the cores (10-20x slower on 2 cores).
+    # their OMP threads fight over the cores (10-20x slower on 2 cores). The variables reach the
+    # tests' subprocesses; set_num_threads covers a torch a plugin may have imported already.
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 # fedsdr's cache (rewrites, base-model evaluations) in a folder of this test session, not in
 # ~/.cache/fedsdr: a rerun on the same machine would otherwise read an earlier run's rewrites
 # instead of computing them (their keys are deterministic), and tests would leave files there.
@@ -26,11 +30,6 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 import pytest  # noqa: E402
 
 from fedsdr.config import RunConfig, load_config  # noqa: E402
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    import torch
-
-    torch.set_num_threads(1)  # in case a plugin imported torch before the variables above
 
 ROOT = Path(__file__).resolve().parent.parent
 
