@@ -1,6 +1,8 @@
 """A run killed with SIGKILL (no handler runs, nothing is flushed) mid-training and mid-checkpoint,
 then resumed in a new process, ends with the same global adapter, bit for bit, as a run never
-interrupted. Every run is a `fedsdr run` process of its own (one torch thread each).
+interrupted. The interrupted runs are `fedsdr run` processes of their own, the uninterrupted one
+runs in the test's process (`fedsdr.cli.main`, which spares a process start: ~12 s of imports on a
+2-core CPU); all on one torch thread.
 
 The kill points are exact: FEDSDR_TEST_PAUSE_AT stops the process there (`runs.pause_for_tests`)
 and says so on stderr; the test then kills it. `trained:2:1`: round 2, client 1 has trained and
@@ -23,7 +25,10 @@ import pytest
 from conftest import ROOT
 from safetensors.numpy import load_file
 
+from fedsdr.cli import main
 from fedsdr.runs import LOCK_NAME, RunDir
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as the processes' OMP/MKL_NUM_THREADS=1
 
 ROUNDS = 3
 COMMON = [f"federation.rounds={ROUNDS}", "eval.generate=false", "eval.clients=false", "train.local_steps=2"]
@@ -94,7 +99,7 @@ def test_sigkill_mid_training_and_mid_checkpoint_then_resume_gives_the_same_adap
     sets = [x for item in (*COMMON, *own) for x in ("--set", item)]
     start = ["run", "--config", str(ROOT / "configs" / config), *sets]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    _fedsdr([*start, "--out", str(full)])
+    assert main([*start, "--out", str(full)]) == 0
 
     _kill_at([*start, "--out", str(killed)], "trained:2:1")  # mid-training of round 2
     run = RunDir(killed)
