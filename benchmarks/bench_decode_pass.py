@@ -5,8 +5,11 @@ A decoding pass takes one token per row over each row's KV cache. This builds th
 runs one pass to reserve the cache's room (as the engine does once per 64 steps), then times
 `--repeats` passes (median; each appends a column) in the compute dtype, and sets beside each
 the time its linears (decoder body and LM head, M = R) take in the isolated timing of
-`_common.forward_rate` (best of 3, one shape's weights at a time, so hot in cache): the rest is
-attention, the cache, small ops and the weights streaming from memory.
+`_common.forward_rate` (best of 3, one shape's weights at a time, so hot in cache) and the time
+the model's own linears take run one after the other at M = R, each weight once, as in a pass
+(median of `--repeats`): the rest of a pass is attention, the cache, small ops and Python. Once,
+it also times reading every weight from memory (a sum over each parameter, median of 5), what a
+pass must read at least.
 
 Usage:
     .venv/bin/python benchmarks/bench_decode_pass.py [--config configs/quickstart.toml]
@@ -45,6 +48,27 @@ def main(argv: list[str] | None = None) -> int:
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     generator = torch.Generator().manual_seed(cfg.seed)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]  # the decoder's and the LM head
+
+    def linears_in_order(rows: int) -> float:
+        inputs = {n: torch.randn(rows, n, generator=generator).to(device) for n in {m.in_features for m in linears}}
+        seconds = []
+        for _ in range(args.repeats + 1):  # the first run meets the shapes: not timed
+            start = time.perf_counter()
+            for m in linears:
+                torch.nn.functional.linear(inputs[m.in_features], m.weight)
+            seconds.append(time.perf_counter() - start)
+        return median(seconds[1:])
+
+    def weights_read() -> tuple[float, int]:
+        params = list(model.parameters())
+        seconds = []
+        for _ in range(6):
+            start = time.perf_counter()
+            for param in params:
+                param.sum()
+            seconds.append(time.perf_counter() - start)
+        return median(seconds[1:]), sum(p.numel() * p.element_size() for p in params)
 
     def passes(rows: int) -> list[float]:
         cache = new_cache(model, device)
@@ -66,26 +90,33 @@ def main(argv: list[str] | None = None) -> int:
     figures = {}
     with torch.inference_mode(), runtime.autocast():
         passes(rows_list[0])  # warm-up: the allocator's first growth, lazy kernels
+        read_seconds, weight_bytes = weights_read()
         for rows in rows_list:
             seconds = median(passes(rows))
+            in_order = linears_in_order(rows)
             rate = forward_rate(model, runtime.compute_dtype, device, rows)
-            linears = forward_flops(rate, rows, rows) / rate["flops_per_s"]
-            figures[str(rows)] = {"pass_seconds": seconds, "linears_seconds_at_rate": linears,
+            isolated = forward_flops(rate, rows, rows) / rate["flops_per_s"]
+            figures[str(rows)] = {"pass_seconds": seconds, "linears_seconds_at_rate": isolated,
+                                  "linears_seconds_in_order": in_order,
                                   "linear_gflops_at_rate": rate["flops_per_s"] / 1e9}
     table = Table(title=f"one decoding pass of {cfg.model.name}: R rows x 1 token over {columns} cached columns "
                         f"({runtime.compute_dtype}, median of {args.repeats})")
-    for col in ("rows", "ms / pass", "ms / row", "linears at the isolated rate, ms", "rest, ms"):
+    for col in ("rows", "ms / pass", "ms / row", "linears at the isolated rate, ms", "linears in order, ms",
+                "rest beyond those, ms"):
         table.add_column(col, justify="right")
     for rows in rows_list:
         f = figures[str(rows)]
         table.add_row(str(rows), f"{f['pass_seconds'] * 1e3:.1f}", f"{f['pass_seconds'] / rows * 1e3:.2f}",
-                      f"{f['linears_seconds_at_rate'] * 1e3:.1f}",
-                      f"{(f['pass_seconds'] - f['linears_seconds_at_rate']) * 1e3:.1f}")
+                      f"{f['linears_seconds_at_rate'] * 1e3:.1f}", f"{f['linears_seconds_in_order'] * 1e3:.1f}",
+                      f"{(f['pass_seconds'] - f['linears_seconds_in_order']) * 1e3:.1f}")
     out = console()
     out.print(table)
+    out.print(f"reading every weight once ({weight_bytes / 2**20:.0f} MiB): {read_seconds * 1e3:.1f} ms, "
+              f"{weight_bytes / read_seconds / 1e9:.1f} GB/s")
     out.print(f"threads {torch.get_num_threads()}, load avg {machine()['load_avg_1m']:.2f}")
     write_json(args.json, {"model": cfg.model.name, "compute_dtype": str(runtime.compute_dtype), "columns": columns,
-                           "repeats": args.repeats, "machine": machine(), "by_rows": figures})
+                           "repeats": args.repeats, "machine": machine(), "weight_bytes": weight_bytes,
+                           "weights_read_seconds": read_seconds, "by_rows": figures})
     return 0
 
 
