@@ -11,6 +11,10 @@ the model's own linears take run one after the other at M = R, each weight once,
 it also times reading every weight from memory (a sum over each parameter, median of 5), what a
 pass must read at least.
 
+Each pass and each in-order timing runs twice, side by side: with every linear as `F.linear`
+(x W^T) and as the engine runs it, `fedsdr.models.skinny_linear` ((W x^T)^T at <= 64 rows, fp32
+on a CPU); the table prints the ratio.
+
 Usage:
     .venv/bin/python benchmarks/bench_decode_pass.py [--config configs/quickstart.toml]
         [--rows 8,16,32,45,48,64] [--columns 300] [--repeats 5] [--json out.json]
@@ -18,6 +22,7 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -41,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedsdr.generation import new_cache
     from fedsdr.kv import with_cache
     from fedsdr.models.loading import load_base_model, resolve_model_source, resolve_runtime
+    from fedsdr.models.skinny_linear import skinny_linear, skinny_linears
 
     runtime = resolve_runtime(cfg.model)
     model = load_base_model(resolve_model_source(cfg.model), runtime, cfg.model.attn_implementation).eval()
@@ -50,13 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator().manual_seed(cfg.seed)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]  # the decoder's and the LM head
 
-    def linears_in_order(rows: int) -> float:
+    def linears_in_order(rows: int, skinny: bool) -> float:
         inputs = {n: torch.randn(rows, n, generator=generator).to(device) for n in {m.in_features for m in linears}}
+        linear = skinny_linear if skinny else torch.nn.functional.linear
         seconds = []
         for _ in range(args.repeats + 1):  # the first run meets the shapes: not timed
             start = time.perf_counter()
             for m in linears:
-                torch.nn.functional.linear(inputs[m.in_features], m.weight)
+                linear(inputs[m.in_features], m.weight)
             seconds.append(time.perf_counter() - start)
         return median(seconds[1:])
 
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds.append(time.perf_counter() - start)
         return median(seconds[1:]), sum(p.numel() * p.element_size() for p in params)
 
-    def passes(rows: int) -> list[float]:
+    def passes(rows: int, skinny: bool) -> list[float]:
         cache = new_cache(model, device)
         for layer in range(config.num_hidden_layers):
             keys, values = (torch.randn(rows, kv_heads, columns, head_dim, generator=generator)
@@ -82,33 +89,42 @@ def main(argv: list[str] | None = None) -> int:
             mask = torch.ones(rows, columns + step + 1, dtype=torch.long, device=device)
             positions = torch.full((rows, 1), columns + step, device=device)
             start = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, **with_cache(model, cache),
-                  use_cache=True, logits_to_keep=1)
+            with skinny_linears(model) if skinny else contextlib.nullcontext():
+                model(input_ids=ids, attention_mask=mask, position_ids=positions, **with_cache(model, cache),
+                      use_cache=True, logits_to_keep=1)
             seconds.append(time.perf_counter() - start)
         return seconds[1:]
 
     figures = {}
     with torch.inference_mode(), runtime.autocast():
-        passes(rows_list[0])  # warm-up: the allocator's first growth, lazy kernels
+        for skinny in (False, True):
+            passes(rows_list[0], skinny)  # warm-up: the allocator's first growth, lazy kernels
         read_seconds, weight_bytes = weights_read()
         for rows in rows_list:
-            seconds = median(passes(rows))
-            in_order = linears_in_order(rows)
+            seconds = median(passes(rows, False))
+            seconds_skinny = median(passes(rows, True))
+            in_order = linears_in_order(rows, False)
+            in_order_skinny = linears_in_order(rows, True)
             rate = forward_rate(model, runtime.compute_dtype, device, rows)
             isolated = forward_flops(rate, rows, rows) / rate["flops_per_s"]
-            figures[str(rows)] = {"pass_seconds": seconds, "linears_seconds_at_rate": isolated,
+            figures[str(rows)] = {"pass_seconds": seconds, "pass_seconds_skinny": seconds_skinny,
+                                  "linears_seconds_at_rate": isolated,
                                   "linears_seconds_in_order": in_order,
+                                  "linears_seconds_in_order_skinny": in_order_skinny,
                                   "linear_gflops_at_rate": rate["flops_per_s"] / 1e9}
     table = Table(title=f"one decoding pass of {cfg.model.name}: R rows x 1 token over {columns} cached columns "
                         f"({runtime.compute_dtype}, median of {args.repeats})")
     for col in ("rows", "ms / pass", "ms / row", "linears at the isolated rate, ms", "linears in order, ms",
-                "rest beyond those, ms"):
+                "rest beyond those, ms", "ms / pass, skinny", "linears in order, skinny, ms",
+                "pass: F.linear / skinny"):
         table.add_column(col, justify="right")
     for rows in rows_list:
         f = figures[str(rows)]
         table.add_row(str(rows), f"{f['pass_seconds'] * 1e3:.1f}", f"{f['pass_seconds'] / rows * 1e3:.2f}",
                       f"{f['linears_seconds_at_rate'] * 1e3:.1f}", f"{f['linears_seconds_in_order'] * 1e3:.1f}",
-                      f"{(f['pass_seconds'] - f['linears_seconds_in_order']) * 1e3:.1f}")
+                      f"{(f['pass_seconds'] - f['linears_seconds_in_order']) * 1e3:.1f}",
+                      f"{f['pass_seconds_skinny'] * 1e3:.1f}", f"{f['linears_seconds_in_order_skinny'] * 1e3:.1f}",
+                      f"{f['pass_seconds'] / f['pass_seconds_skinny']:.2f}x")
     out = console()
     out.print(table)
     out.print(f"reading every weight once ({weight_bytes / 2**20:.0f} MiB): {read_seconds * 1e3:.1f} ms, "

@@ -30,6 +30,8 @@ round 1):
 - nolookup: the engine decoding one token per pass (`prompt_lookup=0`), where the engine also
   checks the tokens each row drafts from its prompt and output in the same pass: what those
   drafts save (the engine's row shows its passes, drafted and confirmed tokens).
+- flinear: the engine with every linear layer as `F.linear` (`skinny_rows=0`), where on a CPU
+  in fp32 the engine runs a decoding pass's linears (few rows) as (W x^T)^T: what that saves.
 
 Generated tokens are counted the same way for every path: the new tokens of each record up
 to and including its first stop id, cut at its budget (filler after a row finished is not
@@ -54,7 +56,7 @@ Flags:
     --set KEY=VALUE     config override, repeatable (e.g. --set distill.batch_size=8)
     --records N         records to rewrite (default 64, about one client)
     --batch-size B      batch of the bucketed path (default: distill.batch_size)
-    --paths LIST        comma-separated subset of engine,bucketed,continuous,loop,unshared,onepass,nolookup
+    --paths LIST        comma-separated subset of engine,bucketed,continuous,loop,unshared,onepass,nolookup,flinear
                         (default all;
                         the engine always runs: the others are compared with it)
     --profile           after the timed paths, run the engine once more under torch's profiler
@@ -68,7 +70,7 @@ Flags:
 
 Usage:
     .venv/bin/python benchmarks/bench_rewrite.py [--config configs/quickstart.toml]
-        [--records 64] [--paths engine,bucketed,continuous,loop,unshared,onepass,nolookup] [--profile]
+        [--records 64] [--paths engine,bucketed,continuous,loop,unshared,onepass,nolookup,flinear] [--profile]
         [--json out.json]
 """
 
@@ -96,7 +98,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-PATHS = ("engine", "bucketed", "continuous", "loop", "unshared", "onepass", "nolookup")
+PATHS = ("engine", "bucketed", "continuous", "loop", "unshared", "onepass", "nolookup", "flinear")
 
 
 @dataclass
@@ -320,7 +322,8 @@ def run_loop(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, stops: f
 def run_variant(model: Any, tokenizer: Any, records: list[Any], dcfg: Any, seed: int, **engine: Any) -> PathResult:
     """The engine's generation as `rewrite_records` calls it, with one of its options turned off
     (`share_prefix=False`: every prompt prefilled in full; `split_prefill=False`: a batch's
-    prompts prefilled in one padded pass; `prompt_lookup=0`: one token per decoding pass)."""
+    prompts prefilled in one padded pass; `prompt_lookup=0`: one token per decoding pass;
+    `skinny_rows=0`: every linear layer as `F.linear`)."""
     from fedsdr.distill import build_rewrite_messages
     from fedsdr.generation import GenerationStats, generate_detailed
 
@@ -452,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
                 return run_variant(model, tokenizer, recs, d, cfg.seed, split_prefill=False)
             if path == "nolookup":
                 return run_variant(model, tokenizer, recs, d, cfg.seed, prompt_lookup=0)
+            if path == "flinear":
+                return run_variant(model, tokenizer, recs, d, cfg.seed, skinny_rows=0)
             return run_loop(model, tokenizer, recs, d, stops)
 
         active = ["engine"] + [x for x in PATHS[1:] if x in paths and not (x == "continuous" and unavailable)]
@@ -540,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
               "continuous": "transformers continuous batching", "loop": "loop (batch 1)",
               "unshared": "engine, each prompt prefilled in full",
               "onepass": "engine, one padded prefill pass per batch",
-              "nolookup": "engine, one token per decoding pass"}
+              "nolookup": "engine, one token per decoding pass",
+              "flinear": "engine, every linear as F.linear"}
     for name, r in results.items():
         f = figures[name]
         table.add_row(labels[name], str(r.tokens), f"{r.seconds:.1f}", f"{r.tokens_per_s:.1f}",

@@ -31,6 +31,7 @@ from transformers.cache_utils import DynamicLayer
 
 from fedsdr.kv import with_cache
 from fedsdr.memory import release_freed_memory
+from fedsdr.models.skinny_linear import SKINNY_ROWS, skinny_linears
 from fedsdr.prefix import SharedPrefix, shareable_length, shared_prefix
 
 Messages = list[dict[str, str]]
@@ -217,6 +218,7 @@ def generate_detailed(
     split_prefill: bool = True,
     cache_bytes: int | None = None,
     prompt_lookup: int = LOOKUP_DRAFT,
+    skinny_rows: int = SKINNY_ROWS,
 ) -> list[Generation]:
     """Like `generate`, but each output also says how many tokens it used and whether it
     ended at a stop id (`stop_token_ids`; `finished=False`: it hit its token budget or looped).
@@ -243,7 +245,11 @@ def generate_detailed(
     drafts from its own prompt and output (`_Lookup`: what followed the last earlier occurrence
     of its latest tokens), keeping those the model's greedy choice confirms: the same greedy
     text (up to the rounding of another batch shape) in fewer serial passes, where a rewrite
-    copies its reference or an answer repeats itself. 0: one token per pass."""
+    copies its reference or an answer repeats itself. 0: one token per pass.
+
+    `skinny_rows`: on a CPU in fp32, a linear layer's input of at most that many rows (a
+    decoding pass's) runs as (W x^T)^T, which MKL computes faster than x W^T for few rows
+    (`fedsdr.models.skinny_linear`); equal up to rounding. 0: every linear as `F.linear`."""
     if prompt_lookup < 0:
         raise ValueError(f"prompt_lookup must be >= 0 (0: off), got {prompt_lookup}")
     if not 0.0 <= repeat_stop <= 1.0:
@@ -269,7 +275,8 @@ def generate_detailed(
     was_training = model.training
     model.eval()
     try:
-        with _progress_bar(progress, n) as advance, torch.inference_mode():
+        with _progress_bar(progress, n) as advance, torch.inference_mode(), \
+                skinny_linears(model, skinny_rows) if skinny_rows else contextlib.nullcontext():
 
             def done(i: int, tokens: list[int], looped: bool) -> None:
                 results[i] = _finish_row(tokenizer, tokens[: budgets[i]], stop_ids, looped)
