@@ -9,7 +9,10 @@ What it measures, each on the same loaded model and in this order:
 - multiple choice: the general suite (BIG-bench CRASS + BBH sources) ranked by log-likelihood,
   `--items` per task (prepared once from the bigbench sdist on PyPI; skipped with --no-general);
 - generation: greedy answers of the records `eval.generate_per_domain` selects, within each
-  domain's token budget, scored (accuracy, hallucination, ROUGE-L...).
+  domain's token budget, scored (accuracy, hallucination, ROUGE-L...); with `--flinear`, again
+  with every linear as `F.linear` (`skinny_linear.SKINNY_ROWS = 0`, where on a CPU in fp32 the
+  engine runs a decoding pass's linears as (W x^T)^T), side by side, with the ratio and whether
+  the texts are the same.
 
 It prints records/s for each, the share of generated answers that hit their budget
 (`truncated`, per domain), and generated tokens/s. No cache is used: every figure is computed.
@@ -23,7 +26,7 @@ the loss path's time as a share of it.
 
 Usage:
     .venv/bin/python benchmarks/bench_eval.py [--config configs/quickstart.toml] [--items 5]
-        [--set eval.generate_per_domain=10] [--json out.json]
+        [--set eval.generate_per_domain=10] [--adapter-cost] [--flinear] [--json out.json]
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def main() -> None:
     p.add_argument("--adapter-cost", action="store_true",
                    help="generation also with the fresh (zero-output) adapter left on, as before base-model "
                    "evaluations switched adapters off; prints the ratio and whether the texts are the same")
+    p.add_argument("--flinear", action="store_true",
+                   help="generation also with every linear as F.linear; prints the ratio and the same texts")
     args = p.parse_args()
     allocator_as_fedsdr(args)
     cfg = load(args)
@@ -135,6 +140,17 @@ def main() -> None:
             "same_texts": sum(a["response"] == b["response"] for a, b in zip(preds, preds_on, strict=True)),
         }
 
+    if args.flinear:
+        from fedsdr.models import skinny_linear
+
+        skinny_linear.SKINNY_ROWS, rows = 0, skinny_linear.SKINNY_ROWS  # a what-if, read at each call
+        _, preds_flinear, seconds_flinear = run(chosen, generate=True)
+        skinny_linear.SKINNY_ROWS = rows
+        figures["generation_flinear"] = {
+            "seconds": seconds_flinear, "speedup_skinny": seconds_flinear / seconds,
+            "same_texts": sum(a["response"] == b["response"] for a, b in zip(preds, preds_flinear, strict=True)),
+        }
+
     out = console()
     from rich.table import Table
 
@@ -159,6 +175,10 @@ def main() -> None:
         on = figures["generation_adapter_on"]
         out.print(f"generation with the zero adapter on: {on['seconds']:.1f} s; adapters off = "
                   f"{on['speedup_off']:.2f}x the speed; same texts {on['same_texts']}/{len(preds)}")
+    if args.flinear:
+        fl = figures["generation_flinear"]
+        out.print(f"generation with every linear as F.linear: {fl['seconds']:.1f} s; the engine's few-row linears "
+                  f"as (W x^T)^T = {fl['speedup_skinny']:.2f}x the speed; same texts {fl['same_texts']}/{len(preds)}")
     write_json(args.json, figures)
 
 

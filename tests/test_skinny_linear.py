@@ -47,6 +47,8 @@ def test_the_block_takes_fp32_cpu_linears_and_gives_them_back() -> None:
             skinny = model(input_ids=ids).logits
     assert all("forward" not in vars(m) for m in linears[1:]) and "forward" in vars(hooked)
     torch.testing.assert_close(skinny, plain, rtol=1e-4, atol=1e-5)
+    with skinny_linears(model, 0) as taken:
+        assert taken == 0 and all("forward" not in vars(m) for m in linears[1:])
     with skinny_linears(model.to(torch.bfloat16)) as taken:
         assert taken == 0  # not measured in bf16: left to F.linear
 

@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicLayer
 
 from fedsdr.kv import with_cache
 from fedsdr.memory import release_freed_memory
-from fedsdr.models.skinny_linear import SKINNY_ROWS, skinny_linears
+from fedsdr.models.skinny_linear import skinny_linears
 from fedsdr.prefix import SharedPrefix, shareable_length, shared_prefix
 
 Messages = list[dict[str, str]]
@@ -218,7 +218,7 @@ def generate_detailed(
     split_prefill: bool = True,
     cache_bytes: int | None = None,
     prompt_lookup: int = LOOKUP_DRAFT,
-    skinny_rows: int = SKINNY_ROWS,
+    skinny_rows: int | None = None,
 ) -> list[Generation]:
     """Like `generate`, but each output also says how many tokens it used and whether it
     ended at a stop id (`stop_token_ids`; `finished=False`: it hit its token budget or looped).
@@ -249,7 +249,8 @@ def generate_detailed(
 
     `skinny_rows`: on a CPU in fp32, a linear layer's input of at most that many rows (a
     decoding pass's) runs as (W x^T)^T, which MKL computes faster than x W^T for few rows
-    (`fedsdr.models.skinny_linear`); equal up to rounding. 0: every linear as `F.linear`."""
+    (`fedsdr.models.skinny_linear`); equal up to rounding. None: `skinny_linear.SKINNY_ROWS`
+    (read at the call); 0: every linear as `F.linear`."""
     if prompt_lookup < 0:
         raise ValueError(f"prompt_lookup must be >= 0 (0: off), got {prompt_lookup}")
     if not 0.0 <= repeat_stop <= 1.0:
@@ -276,7 +277,7 @@ def generate_detailed(
     model.eval()
     try:
         with _progress_bar(progress, n) as advance, torch.inference_mode(), \
-                skinny_linears(model, skinny_rows) if skinny_rows else contextlib.nullcontext():
+                skinny_linears(model, skinny_rows):
 
             def done(i: int, tokens: list[int], looped: bool) -> None:
                 results[i] = _finish_row(tokenizer, tokens[: budgets[i]], stop_ids, looped)

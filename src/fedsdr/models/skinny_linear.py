@@ -20,9 +20,10 @@ SKINNY_ROWS = 64  # at most this many rows take the transposed form (measured cr
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  max_rows: int = SKINNY_ROWS) -> torch.Tensor:
+                  max_rows: int | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, computed as (weight x^T)^T when x has at most `max_rows`
-    rows (all dimensions but the last)."""
+    rows (all dimensions but the last; None: `SKINNY_ROWS`)."""
+    max_rows = SKINNY_ROWS if max_rows is None else max_rows
     features = x.shape[-1]
     rows = x.numel() // features if features else 0
     if not 0 < rows <= max_rows:
@@ -38,12 +39,14 @@ def _forward(module: torch.nn.Linear, max_rows: int) -> Callable[[torch.Tensor],
 
 
 @contextlib.contextmanager
-def skinny_linears(model: torch.nn.Module, max_rows: int = SKINNY_ROWS) -> Iterator[int]:
+def skinny_linears(model: torch.nn.Module, max_rows: int | None = None) -> Iterator[int]:
     """Within the block, every `nn.Linear` of `model` whose weight is fp32 on a CPU runs inputs
-    of at most `max_rows` rows as (W x^T)^T (`skinny_linear`); yields how many it took. Elsewhere
+    of at most `max_rows` rows (None: `SKINNY_ROWS`, read now; 0: none) as (W x^T)^T
+    (`skinny_linear`); yields how many it took. Elsewhere
     (a GPU, bf16 weights, CPU autocast: not measured) nothing changes. A module whose `forward`
     is already replaced on the instance (accelerate's offload hooks) is left alone."""
-    if torch.is_autocast_enabled("cpu"):
+    max_rows = SKINNY_ROWS if max_rows is None else max_rows
+    if max_rows < 1 or torch.is_autocast_enabled("cpu"):
         yield 0
         return
     taken = [m for m in model.modules()
