@@ -31,6 +31,7 @@ from transformers.cache_utils import DynamicLayer
 
 from fedsdr.kv import with_cache
 from fedsdr.memory import release_freed_memory
+from fedsdr.models import skinny_linear
 from fedsdr.models.skinny_linear import skinny_linears
 from fedsdr.prefix import SharedPrefix, shareable_length, shared_prefix
 
@@ -93,8 +94,10 @@ LOOKUP_TOKENS = 64
 
 def decoding_settings() -> str:
     """The engine's greedy decoding settings that can move a near-tie (another batch shape rounds
-    otherwise): part of the keys of cached rewrites and base evaluations."""
-    return f"lookup:draft={LOOKUP_DRAFT},tokens={LOOKUP_TOKENS},ngram={LOOKUP_MIN_NGRAM}-{LOOKUP_NGRAM}"
+    otherwise, and so do a pass's linears as (W x^T)^T): part of the keys of cached rewrites and base
+    evaluations."""
+    return (f"lookup:draft={LOOKUP_DRAFT},tokens={LOOKUP_TOKENS},ngram={LOOKUP_MIN_NGRAM}-{LOOKUP_NGRAM};"
+            f"skinny_rows={skinny_linear.SKINNY_ROWS}")
 
 
 # Columns masked out (left padding, rejected drafts) that rows attend over before the cache is
