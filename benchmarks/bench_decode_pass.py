@@ -12,17 +12,19 @@ it also times reading every weight from memory (a sum over each parameter, media
 pass must read at least.
 
 Each pass and each in-order timing runs twice, side by side: with every linear as `F.linear`
-(x W^T) and as the engine runs it, `fedsdr.models.skinny_linear` ((W x^T)^T at <= 64 rows, fp32
-on a CPU); the table prints the ratio.
+(x W^T) and as the engine runs it, `fedsdr.models.skinny_linear` ((W x^T)^T at <= `--skinny-rows` rows (64), fp32
+on a CPU); the table prints the ratio. `--skinny-rows N` moves that limit (a what-if on
+`skinny_linear.SKINNY_ROWS`, e.g. to see where the two forms cross over).
 
 Usage:
     .venv/bin/python benchmarks/bench_decode_pass.py [--config configs/quickstart.toml]
-        [--rows 8,16,32,45,48,64] [--columns 300] [--repeats 5] [--json out.json]
+        [--rows 8,16,32,45,48,64] [--columns 300] [--repeats 5] [--skinny-rows 64] [--json out.json]
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 from pathlib import Path
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="8,16,32,45,48,64", help="comma-separated rows per pass")
     p.add_argument("--columns", type=int, default=300, help="cached columns per row")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per row count")
+    p.add_argument("--skinny-rows", type=int, default=None,
+                   help="most rows a linear runs as (W x^T)^T (default: skinny_linear.SKINNY_ROWS)")
     args = p.parse_args(argv)
     rows_list = [int(x) for x in args.rows.split(",") if x.strip()]
     cfg = load(args)
@@ -46,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     from fedsdr.generation import new_cache
     from fedsdr.kv import with_cache
     from fedsdr.models.loading import load_base_model, resolve_model_source, resolve_runtime
-    from fedsdr.models.skinny_linear import skinny_linear, skinny_linears
+    from fedsdr.models.skinny_linear import SKINNY_ROWS, skinny_linear, skinny_linears
 
+    skinny_rows = SKINNY_ROWS if args.skinny_rows is None else args.skinny_rows
     runtime = resolve_runtime(cfg.model)
     model = load_base_model(resolve_model_source(cfg.model), runtime, cfg.model.attn_implementation).eval()
     config, device, columns = model.config, runtime.device, args.columns
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def linears_in_order(rows: int, skinny: bool) -> float:
         inputs = {n: torch.randn(rows, n, generator=generator).to(device) for n in {m.in_features for m in linears}}
-        linear = skinny_linear if skinny else torch.nn.functional.linear
+        linear = functools.partial(skinny_linear, max_rows=skinny_rows) if skinny else torch.nn.functional.linear
         seconds = []
         for _ in range(args.repeats + 1):  # the first run meets the shapes: not timed
             start = time.perf_counter()
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             mask = torch.ones(rows, columns + step + 1, dtype=torch.long, device=device)
             positions = torch.full((rows, 1), columns + step, device=device)
             start = time.perf_counter()
-            with skinny_linears(model) if skinny else contextlib.nullcontext():
+            with skinny_linears(model, skinny_rows) if skinny else contextlib.nullcontext():
                 model(input_ids=ids, attention_mask=mask, position_ids=positions, **with_cache(model, cache),
                       use_cache=True, logits_to_keep=1)
             seconds.append(time.perf_counter() - start)
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{weight_bytes / read_seconds / 1e9:.1f} GB/s")
     out.print(f"threads {torch.get_num_threads()}, load avg {machine()['load_avg_1m']:.2f}")
     write_json(args.json, {"model": cfg.model.name, "compute_dtype": str(runtime.compute_dtype), "columns": columns,
-                           "repeats": args.repeats, "machine": machine(), "weight_bytes": weight_bytes,
+                           "repeats": args.repeats, "skinny_rows": skinny_rows, "machine": machine(), "weight_bytes": weight_bytes,
                            "weights_read_seconds": read_seconds, "by_rows": figures})
     return 0
 
