@@ -53,6 +53,23 @@ def test_the_block_takes_fp32_cpu_linears_and_gives_them_back() -> None:
         assert taken == 0  # not measured in bf16: left to F.linear
 
 
+class _ScaledLinear(torch.nn.Linear):
+    """A linear with its own forward (as quantized linears have): not to be replaced."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_a_linear_class_with_its_own_forward_is_left_alone() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), _ScaledLinear(16, 16))
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        plain = model(x)
+        with skinny_linears(model) as taken:
+            assert taken == 1 and "forward" not in vars(model[1])
+            torch.testing.assert_close(model(x), plain, rtol=1e-5, atol=1e-5)
+
+
 def test_the_engine_gives_the_same_greedy_text_with_and_without_it() -> None:
     tok = tiny_tokenizer()
     model = tiny_model(tok)

@@ -46,14 +46,15 @@ def skinny_linears(model: torch.nn.Module, max_rows: int | None = None) -> Itera
     of at most `max_rows` rows (None: `SKINNY_ROWS`, read now; 0: none) as (W x^T)^T
     (`skinny_linear`); yields how many it took. Elsewhere
     (a GPU, bf16 weights, CPU autocast: not measured) nothing changes. A module whose `forward`
-    is already replaced on the instance (accelerate's offload hooks) is left alone."""
+    is already replaced on the instance (accelerate's offload hooks), or whose class has its own
+    `forward` (a quantized or otherwise special linear), is left alone."""
     max_rows = SKINNY_ROWS if max_rows is None else max_rows
     if max_rows < 1 or torch.is_autocast_enabled("cpu"):
         yield 0
         return
     taken = [m for m in model.modules()
-             if isinstance(m, torch.nn.Linear) and "forward" not in vars(m)
-             and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+             if isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward
+             and "forward" not in vars(m) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     for module in taken:
         module.forward = _forward(module, max_rows)
     try:
