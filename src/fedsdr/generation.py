@@ -32,7 +32,6 @@ from transformers.cache_utils import DynamicLayer
 from fedsdr.kv import with_cache
 from fedsdr.memory import release_freed_memory
 from fedsdr.models import skinny_linear
-from fedsdr.models.skinny_linear import skinny_linears
 from fedsdr.prefix import SharedPrefix, shareable_length, shared_prefix
 
 Messages = list[dict[str, str]]
@@ -280,7 +279,7 @@ def generate_detailed(
     model.eval()
     try:
         with _progress_bar(progress, n) as advance, torch.inference_mode(), \
-                skinny_linears(model, skinny_rows):
+                skinny_linear.skinny_linears(model, skinny_rows):
 
             def done(i: int, tokens: list[int], looped: bool) -> None:
                 results[i] = _finish_row(tokenizer, tokens[: budgets[i]], stop_ids, looped)
